@@ -1,0 +1,176 @@
+"""Shared helpers for code that touches models: stage discovery, call conventions, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat.errors import ProfileError
+
+PROLOGUE = "<prologue>"
+HEAD = "<head>"
+
+
+def as_call(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` from a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    flat, _ = torch.utils._pytree.tree_flatten(obj)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def input_signature(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """Shapes and dtypes of the tensors a model is called with, as a short hash."""
+    parts = [f"{tuple(t.shape)}:{t.dtype}" for t in tensors_in((tuple(args), dict(kwargs)))]
+    parts += sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def model_signature(model: nn.Module, stage_names: Sequence[str]) -> str:
+    """Class, parameter names/shapes/dtypes and stage names, as a short hash (device-independent)."""
+    parts = [type(model).__qualname__, *stage_names]
+    parts += [f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in model.named_parameters()]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def find_stages(model: nn.Module, stages: Sequence[str] | None) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The model's blocks as ``[(name, module)]`` and how they were found.
+
+    1. ``stages``: names of submodules in execution order;
+    2. ``nn.Sequential``: its children, nested Sequentials flattened;
+    3. the largest ``ModuleList`` of at least two modules of one type (transformer blocks).
+    """
+    if stages is not None:
+        if isinstance(stages, str) or not stages:
+            raise ProfileError(f"remat.profile: stages={stages!r} must be a non-empty list of submodule names")
+        out = []
+        for name in stages:
+            try:
+                out.append((name, model.get_submodule(name)))
+            except AttributeError:
+                raise ProfileError(
+                    f"remat.profile: stages names {name!r}, which is not a submodule of"
+                    f" {type(model).__name__}; pass names from model.named_modules()"
+                ) from None
+        return out, "explicit"
+    if isinstance(model, nn.Sequential):
+        return _flatten_sequential(model, ""), "sequential"
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
+            kinds = {type(m) for m in mod}
+            if len(kinds) == 1:
+                size = sum(p.numel() for p in mod.parameters())
+                if best is None or size > best[0]:
+                    best = (size, name, mod)
+    if best is None:
+        raise ProfileError(
+            f"remat.profile: cannot find a chain of stages in {type(model).__name__}. remat understands"
+            " (1) nn.Sequential models, (2) models whose forward runs a ModuleList of same-type blocks"
+            " (transformers: GPT-2, Llama, BERT, T5, ViT, ...), and (3) an explicit list:"
+            " remat.profile(model, inputs, stages=['encoder.0', 'encoder.1', ...])."
+        )
+    _, name, mlist = best
+    return [(f"{name}.{i}", m) for i, m in enumerate(mlist)], "blocks"
+
+
+def _flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in seq.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(child, nn.Sequential):
+            out.extend(_flatten_sequential(child, full + "."))
+        else:
+            out.append((full, child))
+    return out
+
+
+def loss_function(loss_fn: Callable[[Any], torch.Tensor] | None) -> Callable[[Any], torch.Tensor]:
+    """How to get a scalar loss from the model's output."""
+    if loss_fn is not None:
+        return loss_fn
+
+    def default(out: Any) -> torch.Tensor:
+        loss = getattr(out, "loss", None)
+        if loss is None and isinstance(out, Mapping):
+            loss = out.get("loss")
+        if isinstance(loss, torch.Tensor):
+            return loss
+        if isinstance(out, torch.Tensor):
+            return out if out.dim() == 0 else out.float().sum()
+        raise ProfileError(
+            f"remat: cannot find a loss in the model's output ({type(out).__name__}); pass loss_fn=,"
+            " e.g. loss_fn=lambda out: torch.nn.functional.cross_entropy(out, target), or pass labels"
+            " to a transformers model"
+        )
+
+    return default
+
+
+def carry_of(out: Any) -> Any:
+    """The tensor a block hands to the next one: itself, or the first element of a tuple/list/dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    if isinstance(out, Mapping) and out:
+        return next(iter(out.values()))
+    return None
+
+
+def split_carry(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``(carry, key)``: the block's chained input and where it was passed (0 or a keyword name)."""
+    if args:
+        return args[0], 0
+    import inspect
+
+    try:
+        first = next(iter(inspect.signature(module.forward).parameters))
+    except (StopIteration, ValueError, TypeError):
+        first = None
+    if first is not None and first in kwargs:
+        return kwargs[first], first
+    return None, None
+
+
+def same_extras(a: tuple[tuple[Any, ...], dict[str, Any]], b: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
+    """Whether two blocks got the same extra arguments (tensors by identity, others by value)."""
+    (aa, ak), (ba, bk) = a, b
+    if len(aa) != len(ba) or ak.keys() != bk.keys():
+        return False
+    for x, y in zip([*aa, *ak.values()], [*ba, *(bk[k] for k in ak)]):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if x is not y:
+                return False
+        else:
+            try:
+                if x is not y and not bool(x == y):
+                    return False
+            except Exception:  # noqa: BLE001 - incomparable objects differ
+                return False
+    return True
+
+
+def extras_of(args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if key == 0:
+        return args[1:], dict(kwargs)
+    rest = dict(kwargs)
+    rest.pop(key, None)
+    return tuple(args), rest
+
+
+def call_with_carry(fn: Callable[..., Any], carry: Any, key: Any, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    eargs, ekw = extras
+    if key == 0:
+        return fn(carry, *eargs, **ekw)
+    return fn(*eargs, **{key: carry}, **ekw)

@@ -1,0 +1,250 @@
+"""The chain that planners optimise: stages with sizes and times (see docs/cost-model.md).
+
+No torch here: a :class:`Profile` is plain numbers, built by :func:`remat.profile` from a model or
+directly from lists of numbers, so that planners can be used and tested on any chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from remat._table import render_table
+from remat.errors import ProfileError
+from remat.units import format_bytes, format_seconds
+
+__all__ = ["Stage", "Profile"]
+
+STAGE_KINDS = ("prologue", "block", "head")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage ``F_i`` of the chain. Bytes are ints, times are seconds.
+
+    Attributes:
+        name: where the stage lives in the model (``"transformer.h.3"``) or a label.
+        x_bytes: bytes of the stage's input ``x_i`` (the gradient flowing back has the same size).
+        xbar_bytes: bytes the stage keeps when it runs recording: its output plus every tensor it saves
+            for backward, each storage once, parameters and its input excluded.
+        fwd_s: forward time with autograd recording.
+        bwd_s: backward time.
+        fwd_nograd_s: forward time without recording (what a checkpointed first pass costs at best).
+        fwd_transient_bytes: peak above ``xbar_bytes`` while the recording forward runs.
+        fwd_nograd_transient_bytes: peak above the output while an unrecorded forward runs.
+        bwd_transient_bytes: peak during backward above the stage's record, the incoming and the
+            outgoing gradient.
+        kind: ``"prologue"`` (what runs before the blocks), ``"block"``, or ``"head"`` (what runs after
+            the blocks, loss included).
+        checkpointable: whether the stage can be inside a checkpoint region.
+        joins_previous: whether the stage can share a region with the stage before it (it receives the
+            same extra arguments, e.g. the same attention mask).
+        fwd_flops: floating-point operations of the forward (0 if not counted).
+        input_freed_bytes: bytes of the input released once the stage has run recording, when nothing
+            else holds the input (the stage does not save it: e.g. an RMSNorm that saves an fp32 copy of
+            a bf16 input). A checkpoint region or the caller holding the input keeps it alive.
+    """
+
+    name: str
+    x_bytes: int
+    xbar_bytes: int
+    fwd_s: float
+    bwd_s: float
+    fwd_nograd_s: float | None = None
+    fwd_transient_bytes: int = 0
+    fwd_nograd_transient_bytes: int = 0
+    bwd_transient_bytes: int = 0
+    kind: str = "block"
+    checkpointable: bool = True
+    joins_previous: bool = True
+    fwd_flops: float = 0.0
+    input_freed_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for f in (
+            "x_bytes",
+            "xbar_bytes",
+            "fwd_transient_bytes",
+            "fwd_nograd_transient_bytes",
+            "bwd_transient_bytes",
+            "input_freed_bytes",
+        ):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ProfileError(f"Stage {self.name!r}: {f}={v!r} must be a non-negative int of bytes")
+        for f in ("fwd_s", "bwd_s"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or v < 0 or v != v:
+                raise ProfileError(f"Stage {self.name!r}: {f}={v!r} must be a non-negative number of seconds")
+        if self.input_freed_bytes > self.x_bytes:
+            raise ProfileError(
+                f"Stage {self.name!r}: input_freed_bytes={self.input_freed_bytes} exceeds x_bytes={self.x_bytes}"
+            )
+        if self.kind not in STAGE_KINDS:
+            raise ProfileError(f"Stage {self.name!r}: kind={self.kind!r} must be one of {STAGE_KINDS}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A model as a chain of stages ``F_0 … F_L``; the last stage is the head (loss included).
+
+    Attributes:
+        stages: the chain, in execution order.
+        fixed_bytes: memory live through the whole step that no schedule changes: parameters,
+            gradients, buffers, optimizer state if counted. The input ``x_0`` is not in it.
+        params_bytes, grads_bytes: parts of ``fixed_bytes``, for reports.
+        device: where it was profiled (``"cpu"``, ``"cuda"``, ``"meta"``, or ``"synthetic"``).
+        repeats: how many timed runs stand behind each time (medians); 0 for estimated times.
+        fingerprint: the model structure and input shapes it came from (``""`` when built by hand).
+        meta: free-form facts for reports (model name, dtype, measured peak, ...).
+    """
+
+    stages: tuple[Stage, ...]
+    fixed_bytes: int = 0
+    params_bytes: int = 0
+    grads_bytes: int = 0
+    device: str = "synthetic"
+    repeats: int = 0
+    fingerprint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, tuple):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        if len(self.stages) == 0:
+            raise ProfileError("Profile: the chain is empty; a profile needs at least one stage (the head)")
+        if isinstance(self.fixed_bytes, bool) or not isinstance(self.fixed_bytes, int) or self.fixed_bytes < 0:
+            raise ProfileError(f"Profile: fixed_bytes={self.fixed_bytes!r} must be a non-negative int")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_lists(
+        cls,
+        x_bytes: Sequence[int],
+        xbar_bytes: Sequence[int],
+        fwd_s: Sequence[float],
+        bwd_s: Sequence[float],
+        *,
+        fwd_transient_bytes: Sequence[int] | None = None,
+        fwd_nograd_transient_bytes: Sequence[int] | None = None,
+        bwd_transient_bytes: Sequence[int] | None = None,
+        fixed_bytes: int = 0,
+        names: Sequence[str] | None = None,
+        checkpointable: Sequence[bool] | None = None,
+    ) -> Profile:
+        """Build a chain from lists of numbers, one entry per stage; the last stage is the head.
+
+        >>> p = Profile.from_lists([100, 100, 100], [200, 200, 0], [1.0, 1.0, 0.5], [2.0, 2.0, 1.0])
+        >>> len(p), p.stages[-1].kind
+        (3, 'head')
+        """
+        n = len(x_bytes)
+        lists = {"xbar_bytes": xbar_bytes, "fwd_s": fwd_s, "bwd_s": bwd_s}
+        for label, seq in lists.items():
+            if len(seq) != n:
+                raise ProfileError(f"Profile.from_lists: {label} has {len(seq)} entries, x_bytes has {n}")
+        zeros = [0] * n
+        of = list(fwd_transient_bytes or zeros)
+        ofn = list(fwd_nograd_transient_bytes or zeros)
+        ob = list(bwd_transient_bytes or zeros)
+        names = list(names) if names is not None else [f"stage{i}" for i in range(n)]
+        ck = list(checkpointable) if checkpointable is not None else [True] * n
+        stages = tuple(
+            Stage(
+                name=names[i],
+                x_bytes=int(x_bytes[i]),
+                xbar_bytes=int(xbar_bytes[i]),
+                fwd_s=float(fwd_s[i]),
+                bwd_s=float(bwd_s[i]),
+                fwd_transient_bytes=int(of[i]),
+                fwd_nograd_transient_bytes=int(ofn[i]),
+                bwd_transient_bytes=int(ob[i]),
+                kind="head" if i == n - 1 else "block",
+                checkpointable=ck[i] and i != n - 1,
+            )
+            for i in range(n)
+        )
+        return cls(stages=stages, fixed_bytes=int(fixed_bytes))
+
+    # ---- derived numbers ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    @property
+    def input_bytes(self) -> int:
+        """``x_0``: bytes of the chain's input, counted toward the budget."""
+        return self.stages[0].x_bytes
+
+    def output_bytes(self, i: int) -> int:
+        """``x_{i+1}``: bytes of stage i's output (0 after the head)."""
+        return self.stages[i + 1].x_bytes if i + 1 < len(self.stages) else 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format"] = "remat.Profile/1"
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text of the profile (no pickle); ``Profile.from_json`` reads it back."""
+        return json.dumps(self.to_dict(), **({"indent": 1} | kwargs))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        d = dict(d)
+        fmt = d.pop("format", "remat.Profile/1")
+        if fmt != "remat.Profile/1":
+            raise ProfileError(f"Profile.from_json: unknown format {fmt!r}; expected 'remat.Profile/1'")
+        try:
+            stages = tuple(Stage(**s) for s in d.pop("stages"))
+            return cls(stages=stages, **d)
+        except (TypeError, KeyError) as e:
+            raise ProfileError(f"Profile.from_json: not a remat profile ({e})") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"Profile.from_json: invalid JSON ({e})") from e
+        return cls.from_dict(data)
+
+    # ---- report --------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        rows = []
+        for i, s in enumerate(self.stages):
+            rows.append(
+                [
+                    i,
+                    s.name,
+                    s.kind if s.checkpointable or s.kind != "block" else "block*",
+                    format_bytes(s.x_bytes),
+                    format_bytes(s.xbar_bytes),
+                    format_seconds(s.fwd_s),
+                    format_seconds(s.bwd_s),
+                    format_bytes(s.fwd_transient_bytes),
+                    format_bytes(s.bwd_transient_bytes),
+                ]
+            )
+        head = (
+            f"remat.Profile: {len(self.stages)} stages on {self.device}"
+            f" ({self.repeats} timed repeats per figure)" if self.repeats else
+            f"remat.Profile: {len(self.stages)} stages on {self.device} (times estimated)"
+        )
+        fixed = (
+            f"fixed memory {format_bytes(self.fixed_bytes)} (parameters {format_bytes(self.params_bytes)},"
+            f" gradients {format_bytes(self.grads_bytes)}, other"
+            f" {format_bytes(self.fixed_bytes - self.params_bytes - self.grads_bytes)});"
+            f" input x0 {format_bytes(self.input_bytes)}"
+        )
+        table = render_table(
+            ["#", "stage", "kind", "x", "xbar", "fwd", "bwd", "fwd peak+", "bwd peak+"], rows
+        )
+        return f"{head}\n{fixed}\n{table}"

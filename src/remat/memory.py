@@ -1,0 +1,347 @@
+"""Exact peak memory and time of one training step, on CPU, CUDA and the meta device.
+
+PyTorch has no allocator counters on CPU, so remat tracks tensor *storages*: a dispatch mode sees every
+op's outputs, registers each new storage once (views share it) with its size, and a weak reference on
+the storage subtracts it when it is freed. Peak = max live bytes. It is exact and deterministic, and
+works the same under the meta device and ``FakeTensorMode`` (no memory is used at all), which is how
+remat plans models larger than the machine. On CUDA the allocator's own figures are reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from remat._table import render_table
+from remat.errors import RematError
+from remat.units import format_bytes, format_seconds
+
+__all__ = ["MemoryTracker", "Measurement", "measure"]
+
+CATEGORIES = ("parameters", "gradients", "saved", "other")
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, some subclasses
+        return None
+
+
+class _Entry:
+    __slots__ = ("nbytes", "category")
+
+    def __init__(self, nbytes: int, category: str) -> None:
+        self.nbytes = nbytes
+        self.category = category
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live and peak bytes of tensor storages, exactly.
+
+    Storages created by ops while the mode is active are counted from creation to release. Storages
+    that existed before must be declared with :meth:`track` (parameters, gradients, inputs); an
+    undeclared one reached through a view or an in-place op is not counted (it was allocated before).
+
+    Use :meth:`reset_peak` and :attr:`peak_bytes` to find the peak inside a window.
+
+    >>> with MemoryTracker() as t:
+    ...     a = torch.ones(256)          # 1 KiB
+    ...     b = a.view(16, 16)           # a view: same storage, not counted again
+    ...     del a, b
+    >>> t.peak_bytes, t.live_bytes
+    (1024, 0)
+    """
+
+    def __init__(self, *, count_flops: bool = False) -> None:
+        super().__init__()
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._external: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._live_by: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.peak_breakdown: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.count_flops = count_flops
+        self.flops = 0.0
+        self.bytes_moved = 0
+        self.ops = 0
+        self._flop_registry: dict[Any, Any] = {}
+        if count_flops:
+            from torch.utils.flop_counter import flop_registry
+
+            self._flop_registry = flop_registry
+
+    # ---- registration ----------------------------------------------------------------------------
+    def track(self, tensors: Iterable[torch.Tensor] | torch.Tensor | None, category: str = "other") -> None:
+        """Declare storages that exist already (or re-label known ones: e.g. as ``"saved"``)."""
+        if tensors is None:
+            return
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                st = _storage(t)
+                if st is not None:
+                    self._add(st, category, relabel=True)
+
+    def _add(self, st: torch.UntypedStorage, category: str, relabel: bool = False) -> None:
+        entry = self._entries.get(st)
+        if entry is not None:
+            if relabel and entry.category != category:
+                self._live_by[entry.category] -= entry.nbytes
+                self._live_by[category] += entry.nbytes
+                entry.category = category
+            return
+        nbytes = st.nbytes()
+        entry = _Entry(nbytes, category)
+        self._entries[st] = entry
+        self._external.pop(st, None)
+        self.live_bytes += nbytes
+        self._live_by[category] += nbytes
+        weakref.finalize(st, self._release, entry)
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.peak_breakdown = dict(self._live_by)
+
+    def _release(self, entry: _Entry) -> None:
+        self.live_bytes -= entry.nbytes
+        self._live_by[entry.category] -= entry.nbytes
+
+    def mark_saved(self, t: torch.Tensor) -> None:
+        """Re-label an activation as saved for backward (parameters and gradients keep their label)."""
+        st = _storage(t)
+        entry = self._entries.get(st) if st is not None else None
+        if entry is not None and entry.category == "other":
+            self._live_by["other"] -= entry.nbytes
+            self._live_by["saved"] += entry.nbytes
+            entry.category = "saved"
+
+    def reset_peak(self) -> None:
+        """Start a new window: the peak becomes the current live bytes."""
+        self.peak_bytes = self.live_bytes
+        self.peak_breakdown = dict(self._live_by)
+
+    def live_breakdown(self) -> dict[str, int]:
+        return dict(self._live_by)
+
+    # ---- the mode ----------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not flat_out:
+            return out
+        inputs: list[torch.UntypedStorage] | None = None
+        for t in flat_out:
+            st = _storage(t)
+            if st is None or st in self._entries or st in self._external:
+                continue
+            if inputs is None:
+                inputs = [s for s in (_storage(a) for a in tree_flatten((args, kwargs))[0]
+                                      if isinstance(a, torch.Tensor)) if s is not None]
+            if any(st is s for s in inputs):
+                self._external[st] = True  # a view of, or in-place op on, an undeclared older storage
+            else:
+                self._add(st, "other")
+        if self.count_flops:
+            self._count(func, out, args, kwargs, flat_out)
+        return out
+
+    def _count(self, func: Any, out: Any, args: Any, kwargs: Any, flat_out: list[torch.Tensor]) -> None:
+        fn = self._flop_registry.get(func._overloadpacket)
+        if fn is not None:
+            try:
+                self.flops += float(fn(*args, **kwargs, out_val=out))
+            except Exception:  # noqa: BLE001 - a counter must never break the step
+                pass
+        moved = sum(t.nbytes for t in flat_out)
+        moved += sum(a.nbytes for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))
+        self.bytes_moved += moved
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One training step, measured.
+
+    Attributes:
+        peak_bytes: peak live tensor bytes during the step (declared memory included).
+        baseline_bytes: live bytes when the step started (parameters, gradients, inputs, ...).
+        breakdown: live bytes by category at the moment of the peak: parameters, gradients, saved
+            (tensors saved for backward), other (temporaries, outputs, inputs).
+        time_s: median wall time of the timed repeats.
+        times_s: every timed repeat.
+        device: where the step ran.
+        set_to_none: whether gradients were set to None before each run (else zeroed in place and
+            counted from the start).
+        cuda_peak_bytes, cuda_baseline_bytes: the CUDA allocator's ``max_memory_allocated`` and
+            ``memory_allocated`` at the start (None off CUDA).
+    """
+
+    peak_bytes: int
+    baseline_bytes: int
+    breakdown: dict[str, int]
+    time_s: float
+    times_s: tuple[float, ...]
+    device: str
+    warmup: int
+    set_to_none: bool
+    cuda_peak_bytes: int | None = None
+    cuda_baseline_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step_bytes(self) -> int:
+        """What the step added on top of the baseline at its peak."""
+        return self.peak_bytes - self.baseline_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        rows = [[k, format_bytes(v)] for k, v in self.breakdown.items()]
+        rows.append(["total", format_bytes(self.peak_bytes)])
+        cuda = ""
+        if self.cuda_peak_bytes is not None:
+            cuda = f"; CUDA allocator peak {format_bytes(self.cuda_peak_bytes)}"
+        grads = "set to None" if self.set_to_none else "kept (zeroed in place)"
+        head = (
+            f"remat.Measurement on {self.device}: peak {format_bytes(self.peak_bytes)} (step adds"
+            f" {format_bytes(self.step_bytes)}){cuda}; step {format_seconds(self.time_s)}"
+            f" (median of {len(self.times_s)}, {self.warmup} warm-up); gradients {grads}"
+        )
+        return head + "\n" + render_table(["at peak", "bytes"], rows)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _model_device(model: torch.nn.Module | None) -> str:
+    if model is not None:
+        for p in model.parameters():
+            return p.device.type
+    return "cpu"
+
+
+def _prepare_grads(model: torch.nn.Module | None, set_to_none: bool) -> None:
+    if model is None:
+        return
+    for p in model.parameters():
+        if set_to_none:
+            p.grad = None
+        elif p.grad is not None:
+            p.grad.detach_()
+            p.grad.zero_()
+
+
+def measure(
+    step: Callable[[], Any],
+    *,
+    model: torch.nn.Module | None = None,
+    inputs: Iterable[torch.Tensor] | torch.Tensor | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    set_to_none: bool = False,
+    device: str | None = None,
+) -> Measurement:
+    """Measure one training step: exact peak tensor bytes, a breakdown, and the median wall time.
+
+    Args:
+        step: runs one step (forward, loss, backward; an optimizer step if you like). Called
+            ``warmup + 1 + repeats`` times.
+        model: its parameters, buffers and gradients are declared as live from the start; gradients are
+            reset before each run as ``set_to_none`` says.
+        inputs: other tensors that exist before the step and live through it (the batch).
+        warmup: untimed runs first (they also allocate gradients and lazy state).
+        repeats: timed runs (untracked, so the tracker's overhead is not timed); the median is reported.
+        set_to_none: False (default): gradients stay allocated and are zeroed in place, so they count
+            from the start — the steady state remat plans for. True: they are freed before each run and
+            counted as they appear in backward.
+        device: where the step runs; inferred from the model (default ``"cpu"``).
+
+    Returns:
+        A :class:`Measurement`.
+
+    >>> lin = torch.nn.Linear(128, 128)
+    >>> x = torch.randn(32, 128)
+    >>> m = measure(lambda: lin(x).sum().backward(), model=lin, inputs=x, repeats=1)
+    >>> m.breakdown["parameters"] == m.breakdown["gradients"] == (128 * 128 + 128) * 4
+    True
+    """
+    if not callable(step):
+        raise RematError(f"remat.measure: step must be a callable running one training step, got {step!r}")
+    if warmup < 0 or repeats < 0:
+        raise RematError(f"remat.measure: warmup={warmup} and repeats={repeats} must be >= 0")
+    device = device or _model_device(model)
+    input_list = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs or [])
+    for _ in range(warmup):
+        _prepare_grads(model, set_to_none)
+        step()
+    _prepare_grads(model, set_to_none)
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+    tracker = MemoryTracker()
+    handles = []
+    if model is not None:
+        tracker.track(list(model.parameters()), "parameters")
+        tracker.track(list(model.buffers()), "other")
+        tracker.track([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+        for p in model.parameters():
+            if p.requires_grad:
+                handles.append(p.register_post_accumulate_grad_hook(
+                    lambda q: tracker.track(q.grad, "gradients")))
+    tracker.track(input_list, "other")
+    baseline = tracker.live_bytes
+    tracker.reset_peak()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        tracker.mark_saved(t)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
+            step()
+    finally:
+        for h in handles:
+            h.remove()
+    cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
+
+    times = []
+    for _ in range(repeats):
+        _prepare_grads(model, set_to_none)
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return Measurement(
+        peak_bytes=tracker.peak_bytes,
+        baseline_bytes=baseline,
+        breakdown=dict(tracker.peak_breakdown),
+        time_s=statistics.median(times) if times else float("nan"),
+        times_s=tuple(times),
+        device=device,
+        warmup=warmup,
+        set_to_none=set_to_none,
+        cuda_peak_bytes=cuda_peak,
+        cuda_baseline_bytes=cuda_base if cuda else None,
+    )

@@ -1,0 +1,556 @@
+"""Profile a model as a chain of stages: per-stage sizes (exact) and times (measured or estimated).
+
+One training step is run with hooks at every stage boundary — forward pre/post hooks on the blocks,
+tensor hooks on the gradients that flow between them — while :class:`remat.MemoryTracker` counts live
+bytes. The live bytes and window peaks at the boundaries give each stage's numbers in the cost model
+(docs/cost-model.md). Timed runs repeat the step without the tracker and report medians. On the meta
+device nothing is allocated or timed: times are estimated from FLOPs and bytes moved against a
+throughput figure for the target device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from remat._model import (
+    HEAD,
+    PROLOGUE,
+    as_call,
+    carry_of,
+    extras_of,
+    find_stages,
+    input_signature,
+    loss_function,
+    model_signature,
+    same_extras,
+    split_carry,
+    tensors_in,
+)
+from remat.chain import Profile, Stage
+from remat.errors import ProfileError, RematError
+from remat.memory import MemoryTracker
+
+__all__ = ["profile", "Throughput", "THROUGHPUTS"]
+
+MIN_TIME_S = 1e-7
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a device achieves, for estimating times on the meta device: per op,
+    ``max(flops / flops_per_s, bytes / bytes_per_s)``."""
+
+    flops_per_s: float
+    bytes_per_s: float
+
+
+#: Achievable rates (about 60% of peak dense bf16 FLOP/s and 80% of memory bandwidth on GPUs).
+THROUGHPUTS: dict[str, Throughput] = {
+    "h200": Throughput(0.6 * 989e12, 0.8 * 4.8e12),
+    "h100": Throughput(0.6 * 989e12, 0.8 * 3.35e12),
+    "a100": Throughput(0.6 * 312e12, 0.8 * 2.0e12),
+    "l4": Throughput(0.6 * 121e12, 0.8 * 0.3e12),
+    "cpu": Throughput(1e11, 2e10),
+}
+
+
+class _Tracked(MemoryTracker):
+    """The tracker, plus a roofline time estimate per op."""
+
+    def __init__(self, throughput: Throughput | None) -> None:
+        super().__init__(count_flops=throughput is not None)
+        self.throughput = throughput
+        self.est_s = 0.0
+
+    def _count(self, func: Any, out: Any, args: Any, kwargs: Any, flat_out: list[torch.Tensor]) -> None:
+        f0, b0 = self.flops, self.bytes_moved
+        super()._count(func, out, args, kwargs, flat_out)
+        assert self.throughput is not None
+        self.est_s += max((self.flops - f0) / self.throughput.flops_per_s,
+                          (self.bytes_moved - b0) / self.throughput.bytes_per_s)
+
+
+@dataclass
+class _Event:
+    label: str  # start, pre, post, bwd_head, bwd, end
+    index: int
+    t: Any
+    live: int = 0
+    peak: int = 0
+    flops: float = 0.0
+    est_s: float = 0.0
+
+
+class _Timeline:
+    """Hooks at stage boundaries that log (time, live bytes, window peak) as the step runs."""
+
+    def __init__(self, blocks: Sequence[nn.Module], tracker: _Tracked | None, cuda: bool) -> None:
+        self.blocks = blocks
+        self.tracker = tracker
+        self.cuda = cuda
+        self.events: list[_Event] = []
+        self.x_bytes: list[int | None] = [None] * len(blocks)
+        self.head_x_bytes = 0
+        self.joins: list[bool] = [False] * len(blocks)
+        self.shapes: list[tuple[int, ...] | None] = [None] * len(blocks)
+        self._extras: list[Any] = [None] * len(blocks)
+        self._prev_ids: tuple[int, int, bool] | None = None
+        self._handles: list[Any] = []
+
+    def mark(self, label: str, index: int = -1) -> None:
+        if self.cuda:
+            t: Any = torch.cuda.Event(enable_timing=True)
+            t.record()
+        else:
+            t = time.perf_counter()
+        ev = _Event(label, index, t)
+        tr = self.tracker
+        if tr is not None:
+            ev.live, ev.peak = tr.live_bytes, tr.peak_bytes
+            ev.flops, ev.est_s = tr.flops, tr.est_s
+            tr.reset_peak()
+            tr.flops, tr.est_s = 0.0, 0.0
+        self.events.append(ev)
+
+    def __enter__(self) -> _Timeline:
+        for k, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._pre(k), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(self._post(k)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, k: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.mark("pre", k)
+            carry, key = split_carry(module, args, kwargs)
+            if not isinstance(carry, torch.Tensor):
+                raise ProfileError(
+                    f"remat.profile: stage {k} ({type(module).__name__}) did not receive a tensor as its first"
+                    f" argument (got {type(carry).__name__}); remat chains blocks through their first input"
+                )
+            self.x_bytes[k] = carry.untyped_storage().nbytes()
+            self.shapes[k] = tuple(carry.shape)
+            extras = extras_of(args, kwargs, key)
+            prev = self._prev_ids
+            handed = prev is not None and (id(carry) == prev[0] if prev[2] else id(carry) == prev[1])
+            self.joins[k] = k > 0 and handed and same_extras(extras, self._extras[k - 1])
+            self._extras[k] = extras
+            if carry.requires_grad and torch.is_grad_enabled():
+                carry.register_hook(lambda g: self.mark("bwd", k))
+
+        return hook
+
+    def _post(self, k: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            self.mark("post", k)
+            c = carry_of(out)
+            self._prev_ids = (id(out), id(c), isinstance(out, torch.Tensor))
+            if k == len(self.blocks) - 1 and isinstance(c, torch.Tensor):
+                self.head_x_bytes = c.untyped_storage().nbytes()
+                if c.requires_grad and torch.is_grad_enabled():
+                    c.register_hook(lambda g: self.mark("bwd_head", k))
+
+        return hook
+
+    # ---- reading the log -----------------------------------------------------------------------
+    def check(self, names: Sequence[str]) -> None:
+        order = [e.index for e in self.events if e.label == "pre"]
+        if order != list(range(len(self.blocks))):
+            ran = ", ".join(names[i] for i in order[:8])
+            raise ProfileError(
+                f"remat.profile: the stages did not each run once, in order, in one forward (ran: {ran}"
+                f"{', ...' if len(order) > 8 else ''}; expected {len(self.blocks)} stages {names[0]} ..."
+                f" {names[-1]}). Pass stages=[...] in execution order, or use a model whose blocks run once."
+            )
+
+    def durations(self) -> dict[tuple[str, int], float]:
+        """Seconds of the window that ends at each event, keyed by (label, index)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for a, b in zip(self.events, self.events[1:]):
+            dt = a.t.elapsed_time(b.t) / 1e3 if self.cuda else b.t - a.t
+            out[(b.label, b.index)] = dt
+        return out
+
+    def by_key(self) -> dict[tuple[str, int], tuple[_Event, _Event]]:
+        """(previous event, event) for each event."""
+        return {(b.label, b.index): (a, b) for a, b in zip(self.events, self.events[1:])}
+
+
+def _progress(enabled: bool, total: int) -> Callable[[str], None]:
+    state = {"n": 0}
+    interactive = enabled and sys.stderr.isatty()
+
+    def tick(what: str) -> None:
+        state["n"] += 1
+        if not enabled:
+            return
+        n = state["n"]
+        bar = "#" * int(24 * n / total)
+        line = f"remat.profile [{bar:<24}] {n}/{total} {what}"
+        if interactive:
+            sys.stderr.write("\r" + line.ljust(72) + ("\n" if n == total else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    return tick
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module, cuda: bool) -> Iterator[None]:
+    """Leave the model as profiling found it: gradients, buffers (BatchNorm statistics), RNG state."""
+    grads = {p: (p.grad.detach().clone() if p.grad is not None else None) for p in model.parameters()}
+    buffers = {b: b.detach().clone() for b in model.buffers()}
+    devices = [torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, g in grads.items():
+                    p.grad = g
+                for b, v in buffers.items():
+                    b.copy_(v)
+
+
+class _FlashAttentionOnMeta(TorchFunctionMode):
+    """Note: [Attention on meta] On the meta device ``scaled_dot_product_attention`` takes its math path,
+    which materialises the (seq x seq) attention matrix; GPUs run a fused (flash) kernel that keeps only
+    the output and a log-sum-exp. To plan for a GPU, the meta profile routes attention to PyTorch's fused
+    CPU flash kernel, whose meta implementation has the same memory behaviour."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _flash(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+           enable_gqa: bool = False) -> torch.Tensor:
+    if key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = None if is_causal else attn_mask
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal or attn_mask is None and query.shape[-2] == key.shape[-2],
+        attn_mask=attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None, scale=scale,
+    )[0]
+    return out
+
+
+def _fake_copy(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               stack: contextlib.ExitStack) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """A copy of the model whose parameters are fake meta tensors, and fake inputs; enters the modes.
+
+    Note: [Why FakeTensorMode] Plain meta tensors fail on data-dependent checks (``.item()``) that
+    models run, e.g. transformers' packed-sequence detection; under FakeTensorMode such code takes its
+    tracing path. Sizes, and so every byte count, are the same.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake_model = copy.deepcopy(model).to("meta")
+    memo: dict[int, Any] = {}
+    for mod in fake_model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+                mod._parameters[name] = memo[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = mode.from_tensor(b)
+
+    def fake(t: Any) -> Any:
+        return mode.from_tensor(t.to("meta")) if isinstance(t, torch.Tensor) else t
+
+    args = torch.utils._pytree.tree_map(fake, args)
+    kwargs = torch.utils._pytree.tree_map(fake, kwargs)
+    stack.enter_context(mode)
+    stack.enter_context(_FlashAttentionOnMeta())
+    return fake_model, args, kwargs
+
+
+def _to_device(obj: Any, device: str) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    stages: Sequence[str] | None = None,
+    device: str | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    throughput: Throughput | str | None = None,
+    progress: bool = False,
+) -> Profile:
+    """Profile one training step of ``model`` as a chain of stages.
+
+    Stages are found as (1) ``stages=[names]``, (2) the children of an ``nn.Sequential`` (nested ones
+    flattened), or (3) the blocks of the largest ``ModuleList`` of one block type (transformers). What
+    runs before the first block is the prologue stage, what runs after the last one — loss included —
+    the head stage; neither is checkpointed.
+
+    Args:
+        model: in training mode (dropout active, as when training).
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+            (e.g. ``{"input_ids": ids, "labels": ids}`` for a transformers model).
+        loss_fn: ``loss_fn(output) -> scalar``; by default ``output.loss`` (transformers with labels),
+            a scalar output itself, or ``output.sum()``.
+        stages: explicit submodule names, in execution order.
+        device: ``"meta"`` to profile without allocating (a meta copy of the model is made if needed;
+            times are estimated); default: where the model is.
+        warmup, repeats: untimed runs first, then timed runs (medians).
+        throughput: for estimated times: a :class:`Throughput` or a name in :data:`THROUGHPUTS`
+            (default ``"h100"`` on meta). Given on a real device, FLOPs are counted too.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        A :class:`remat.Profile`. ``profile.meta["measured_peak_bytes"]`` is the exact peak of the
+        profiled step.
+
+    Raises:
+        ProfileError: no chain can be found, or the stages do not run once each, in order.
+    """
+    if not isinstance(model, nn.Module):
+        raise ProfileError(f"remat.profile: model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = as_call(example_inputs)
+    params = list(model.parameters())
+    model_device = params[0].device.type if params else "cpu"
+    device = device or model_device
+    meta = device == "meta"
+    if device != model_device and not meta:
+        raise ProfileError(
+            f"remat.profile: the model is on {model_device} but device={device!r}; move the model first,"
+            " or pass device='meta' to profile without allocating"
+        )
+    with contextlib.ExitStack() as stack:
+        if meta:
+            model, args, kwargs = _fake_copy(model, args, kwargs, stack)
+        else:
+            args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+            stack.enter_context(_preserved(model, cuda=device.startswith("cuda")))
+        return _profile(model, args, kwargs, loss_fn=loss_fn, stages=stages, device=device, warmup=warmup,
+                        repeats=repeats, throughput=throughput, progress=progress)
+
+
+def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+             loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None, device: str,
+             warmup: int, repeats: int, throughput: Throughput | str | None, progress: bool) -> Profile:
+    meta = device == "meta"
+    if isinstance(throughput, str):
+        if throughput not in THROUGHPUTS:
+            raise RematError(f"remat.profile: unknown throughput {throughput!r}; use one of {', '.join(THROUGHPUTS)}")
+        throughput = THROUGHPUTS[throughput]
+    if meta and throughput is None:
+        throughput = THROUGHPUTS["h100"]
+    cuda = device.startswith("cuda")
+
+    pairs, how = find_stages(model, stages)
+    names = [n for n, _ in pairs]
+    blocks = [m for _, m in pairs]
+    get_loss = loss_function(loss_fn)
+    timed_repeats = 0 if meta else repeats
+    tick = _progress(progress, warmup + 2 + 2 * timed_repeats)
+
+    def zero_grads() -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    def train_step(tl: _Timeline) -> None:
+        tl.mark("start")
+        loss = get_loss(model(*args, **kwargs))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ProfileError(f"remat.profile: the loss must be a scalar tensor, got {type(loss).__name__}")
+        loss.backward()
+        tl.mark("end")
+
+    def nograd_step(tl: _Timeline) -> None:
+        with torch.no_grad():
+            tl.mark("start")
+            model(*args, **kwargs)
+            tl.mark("end")
+
+    def tracked(step: Callable[[_Timeline], None]) -> _Timeline:
+        tracker = _Tracked(throughput)
+        tracker.track(list(model.parameters()), "parameters")
+        tracker.track(list(model.buffers()), "other")
+        tracker.track([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+        tracker.track(tensors_in((args, kwargs)), "other")
+        zero_grads()
+        with _Timeline(blocks, tracker, False) as tl, tracker:
+            step(tl)
+        tl.check(names)
+        return tl
+
+    for _ in range(warmup):
+        with _Timeline(blocks, None, False) as tl:
+            train_step(tl)
+        tl.check(names)
+        tick("warm-up")
+    full = tracked(train_step)
+    tick("memory, recording")
+    nograd = tracked(nograd_step)
+    tick("memory, no recording")
+
+    timed: list[dict[tuple[str, int], float]] = []
+    timed_ng: list[dict[tuple[str, int], float]] = []
+    for _ in range(timed_repeats):
+        zero_grads()
+        with _Timeline(blocks, None, cuda) as tl:
+            train_step(tl)
+        timed.append(tl.durations())
+        tick("timing, recording")
+        with _Timeline(blocks, None, cuda) as tl:
+            nograd_step(tl)
+        timed_ng.append(tl.durations())
+        tick("timing, no recording")
+
+    if meta:
+        # Estimated windows stand in for timed ones.
+        timed = [{(b.label, b.index): b.est_s for b in full.events}]
+        timed_ng = [{(b.label, b.index): b.est_s for b in nograd.events}]
+
+    def med(runs: list[dict[tuple[str, int], float]], key: tuple[str, int]) -> float:
+        vals = [r[key] for r in runs if key in r]
+        return max(MIN_TIME_S, statistics.median(vals)) if vals else 0.0
+
+    storages = {id(s): s for s in (t.untyped_storage() for t in tensors_in((args, kwargs)))}
+    return _assemble(
+        model=model,
+        inputs_bytes=sum(s.nbytes() for s in storages.values()),
+        names=names,
+        how=how,
+        full=full,
+        nograd=nograd,
+        timed=timed,
+        timed_ng=timed_ng,
+        med=med,
+        device=device,
+        repeats=timed_repeats,
+        fingerprint=f"{model_signature(model, names)}:{input_signature(args, kwargs)}",
+    )
+
+
+def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str, full: _Timeline, nograd: _Timeline,
+              timed: list[dict[tuple[str, int], float]], timed_ng: list[dict[tuple[str, int], float]],
+              med: Callable[[list[dict[tuple[str, int], float]], tuple[str, int]], float],
+              device: str, repeats: int, fingerprint: str) -> Profile:
+    n = len(names)
+    ev = full.by_key()
+    ev_ng = nograd.by_key()
+    start = full.events[0]
+    stages: list[Stage] = []
+
+    # Backward windows: each "bwd" event ends one block's backward; "end" ends the prologue's.
+    bwd: dict[int, tuple[float, int]] = {}
+    order = [e for e in full.events if e.label in ("bwd_head", "bwd", "end")]
+    for prev, e in zip(order, order[1:]):
+        k = e.index if e.label == "bwd" else -1
+        x_in = full.x_bytes[k] if k >= 0 else inputs_bytes
+        ob = max(0, e.peak - prev.live - (x_in or 0))
+        bwd[k] = (med(timed, (e.label, e.index)), ob)
+
+    # Prologue: from the start to the first block.
+    _, pre0 = ev[("pre", 0)]
+    stages.append(Stage(
+        name=PROLOGUE,
+        x_bytes=inputs_bytes,
+        xbar_bytes=max(0, pre0.live - start.live),
+        fwd_s=med(timed, ("pre", 0)),
+        bwd_s=bwd.get(-1, (0.0, 0))[0],
+        fwd_nograd_s=med(timed_ng, ("pre", 0)),
+        fwd_transient_bytes=max(0, pre0.peak - pre0.live),
+        fwd_nograd_transient_bytes=max(0, ev_ng[("pre", 0)][1].peak - ev_ng[("pre", 0)][1].live),
+        bwd_transient_bytes=bwd.get(-1, (0.0, 0))[1],
+        kind="prologue",
+        checkpointable=False,
+        joins_previous=False,
+        fwd_flops=pre0.flops,
+    ))
+    for k in range(n):
+        before, after = ev[("post", k)]
+        # Bytes released between this block's end and the next block's start: its input, if unsaved.
+        nxt = ev.get(("pre", k + 1))
+        freed = min(max(0, after.live - nxt[1].live), full.x_bytes[k] or 0) if nxt is not None else 0
+        ng_before, ng_after = ev_ng[("post", k)]
+        x_k = full.x_bytes[k] or 0
+        stages.append(Stage(
+            name=names[k],
+            x_bytes=x_k,
+            xbar_bytes=max(0, after.live - before.live),
+            fwd_s=med(timed, ("post", k)),
+            bwd_s=bwd.get(k, (0.0, 0))[0],
+            fwd_nograd_s=med(timed_ng, ("post", k)),
+            fwd_transient_bytes=max(0, after.peak - after.live),
+            fwd_nograd_transient_bytes=max(0, ng_after.peak - ng_after.live),
+            bwd_transient_bytes=bwd.get(k, (0.0, 0))[1],
+            kind="block",
+            checkpointable=True,
+            joins_previous=full.joins[k],
+            fwd_flops=after.flops,
+            input_freed_bytes=freed,
+        ))
+    # Head: from the last block's output through the loss, and back to the last block's output grad.
+    head_end = ("bwd_head", n - 1) if ("bwd_head", n - 1) in ev else ("end", -1)
+    last_post, head_ev = ev[head_end]
+    head_fwd_ng = med(timed_ng, ("end", -1))
+    head_total = med(timed, head_end)
+    stages.append(Stage(
+        name=HEAD,
+        x_bytes=full.head_x_bytes,
+        xbar_bytes=0,
+        fwd_s=min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3,
+        bwd_s=max(MIN_TIME_S, head_total - (min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3)),
+        fwd_nograd_s=head_fwd_ng,
+        bwd_transient_bytes=max(0, head_ev.peak - last_post.live - full.head_x_bytes),
+        kind="head",
+        checkpointable=False,
+        joins_previous=False,
+        fwd_flops=head_ev.flops,
+    ))
+    params_bytes = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
+    grads_bytes = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+    peak = max(e.peak for e in full.events)
+    return Profile(
+        stages=tuple(stages),
+        fixed_bytes=start.live - inputs_bytes,
+        params_bytes=params_bytes,
+        grads_bytes=grads_bytes,
+        device=device,
+        repeats=repeats,
+        fingerprint=fingerprint,
+        meta={
+            "model": type(model).__name__,
+            "detected": how,
+            "measured_peak_bytes": peak,
+            "carry_shapes": [list(s) if s else None for s in full.shapes],
+            "flops": sum(e.flops for e in full.events),
+            "estimated_times": device == "meta",
+        },
+    )

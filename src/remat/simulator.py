@@ -1,0 +1,111 @@
+"""Predict the peak memory and the time of a plan under the chain cost model. No torch here.
+
+The model (docs/cost-model.md): a range of stages ``i … l`` is processed with its input ``x_i`` held by
+the caller and the gradient ``y_{l+1}`` (``x_{l+1}`` bytes) arriving from above counted in. The input
+of a range is *pinned* (held by the caller: the user's batch, or a checkpoint region's saved input);
+the input of every later item is *loose*: a recorded stage that does not save its input frees it. The
+optimal planner minimises exactly this model, so its simulated time equals its DP value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from remat.chain import Profile
+from remat.plan import Item, Prediction, Record, Region
+
+__all__ = ["simulate", "sweep_bytes"]
+
+
+def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
+    """Peak (above the held input ``x_start``) of an unrecorded pass over stages ``start … stop-1``."""
+    st = profile.stages
+    best = 0
+    for k in range(start, stop):
+        held_in = st[k].x_bytes if k > start else 0
+        best = max(best, held_in + profile.output_bytes(k) + st[k].fwd_nograd_transient_bytes)
+    return best
+
+
+def _seq(profile: Profile, items: Sequence[Item], reserve: int) -> tuple[float, int]:
+    """(time, peak above the held input) for ``items`` whose first input is pinned, with ``reserve``
+    bytes of incoming gradient.
+
+    Walks the items from the last to the first: the peak of a suffix is needed to know the peak
+    of the item before it, which holds its own record while the suffix runs.
+    """
+    st = profile.stages
+    t_rest, p_rest = 0.0, 0
+    for pos in range(len(items) - 1, -1, -1):
+        item = items[pos]
+        if isinstance(item, Record):
+            i = item.stage
+            s = st[i]
+            freed = s.input_freed_bytes if pos > 0 else 0
+            keep = s.xbar_bytes - freed
+            fwd = reserve + s.xbar_bytes + s.fwd_transient_bytes
+            bwd = s.x_bytes + profile.output_bytes(i) + keep + s.bwd_transient_bytes
+            t_rest, p_rest = s.fwd_s + s.bwd_s + t_rest, max(fwd, bwd, keep + p_rest)
+        elif isinstance(item, Region):
+            i, j = item.start, item.stop
+            sweep = reserve + sweep_bytes(profile, i, j)
+            x_j = profile.output_bytes(j - 1)
+            t_body, p_body = _seq(profile, item.body, x_j)
+            t_sweep = sum(st[k].fwd_s for k in range(i, j))
+            t_rest, p_rest = t_sweep + t_rest + t_body, max(sweep, x_j + p_rest, p_body)
+        else:
+            raise TypeError(f"simulate: unknown plan item {item!r}")
+    return t_rest, p_rest
+
+
+def _forwards(items: Sequence[Item], counts: list[int]) -> None:
+    for it in items:
+        if isinstance(it, Record):
+            counts[it.stage] += 1
+        else:
+            for k in range(it.start, it.stop):
+                counts[k] += 1
+            _forwards(it.body, counts)
+
+
+def simulate(profile: Profile, items: Sequence[Item]) -> Prediction:
+    """Predict peak bytes and time (forward, recompute, backward) of running ``items`` on ``profile``.
+
+    Args:
+        profile: the chain.
+        items: a plan's items (or a :class:`remat.Plan`).
+
+    Returns:
+        A :class:`remat.Prediction`; ``peak_bytes`` includes fixed memory and the input ``x_0``.
+
+    >>> from remat import Profile, solve
+    >>> p = Profile.from_lists([10, 10, 10, 10], [30, 30, 30, 0], [1.0] * 4, [2.0] * 4)
+    >>> simulate(p, solve(p, None, strategy="none")).peak_bytes
+    120
+    """
+    from remat.plan import Plan
+
+    if isinstance(items, Plan):
+        items = items.items
+    _, peak = _seq(profile, items, 0)
+    st = profile.stages
+    counts = [0] * len(st)
+    _forwards(items, counts)
+    held = [0] * len(st)
+    for pos, it in enumerate(items):
+        if isinstance(it, Record):
+            held[it.stage] = st[it.stage].xbar_bytes - (st[it.stage].input_freed_bytes if pos > 0 else 0)
+        else:
+            held[it.stop - 1] = profile.output_bytes(it.stop - 1)
+    fwd = sum(s.fwd_s for s in st)
+    bwd = sum(s.bwd_s for s in st)
+    recompute = sum((c - 1) * s.fwd_s for c, s in zip(counts, st))
+    return Prediction(
+        peak_bytes=profile.fixed_bytes + profile.input_bytes + peak,
+        fwd_s=fwd,
+        bwd_s=bwd,
+        recompute_s=recompute,
+        forwards=tuple(counts),
+        held_bytes=tuple(held),
+        fixed_bytes=profile.fixed_bytes,
+    )
