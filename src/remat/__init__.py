@@ -31,6 +31,7 @@ __all__ = [
     "auto",
     "apply",
     "remove",
+    "plan_of",
     "measure",
     "profile",
     "solve",
@@ -66,13 +67,14 @@ _LAZY = {
     "profile": ("remat.profiler", "profile"),
     "apply": ("remat.executor", "apply"),
     "remove": ("remat.executor", "remove"),
+    "plan_of": ("remat.executor", "plan_of"),
     "auto": ("remat.autoplan", "auto"),
     "plot_frontier": ("remat.plot", "plot_frontier"),
 }
 
 if TYPE_CHECKING:
     from remat.autoplan import auto
-    from remat.executor import apply, remove
+    from remat.executor import apply, plan_of, remove
     from remat.memory import Measurement, MemoryTracker, measure
     from remat.plot import plot_frontier
     from remat.profiler import profile

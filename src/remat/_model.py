@@ -174,3 +174,19 @@ def call_with_carry(fn: Callable[..., Any], carry: Any, key: Any, extras: tuple[
     if key == 0:
         return fn(carry, *eargs, **ekw)
     return fn(*eargs, **{key: carry}, **ekw)
+
+
+def hf_checkpointing_active(model: nn.Module) -> bool:
+    """Whether a transformers model has its own activation (gradient) checkpointing switched on."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def hf_checkpointing_disable(model: nn.Module) -> None:
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        fn = getattr(model, name, None)
+        if fn is not None:
+            fn()
+            return

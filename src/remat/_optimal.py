@@ -5,7 +5,7 @@ heterogeneous chains" — the recurrence is restated in docs/cost-model.md with 
 :mod:`remat.simulate`, so that the DP value equals the simulated time of the plan it returns.
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
-fixed memory and the input; every size is rounded *up* to whole slots, so a plan the DP calls feasible
+:attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to whole slots, so a plan the DP calls feasible
 never exceeds the real budget. Time is O(L^3 * slots), vectorised over the slot axis and the split
 point.
 """
@@ -72,7 +72,7 @@ def _slots(values: list[int], delta: int, up: bool = True) -> npt.NDArray[np.int
 
 
 def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Table:
-    """Solve the DP for a chain whose activations (all but fixed memory and ``x_0``) get
+    """Solve the DP for a chain whose activations (all but :attr:`Profile.base_bytes`) get
     ``activation_bytes``."""
     if activation_bytes < 0:
         raise ValueError("activation_bytes must be >= 0")

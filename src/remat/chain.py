@@ -99,6 +99,11 @@ class Profile:
         device: where it was profiled (``"cpu"``, ``"cuda"``, ``"meta"``, or ``"synthetic"``).
         repeats: how many timed runs stand behind each time (medians); 0 for estimated times.
         fingerprint: the model structure and input shapes it came from (``""`` when built by hand).
+        head_residual_bytes: bytes the head's backward leaves live until the end of the step (the
+            model's output when the training loop holds it; the gradient of an output projection tied to
+            the input embedding, which autograd holds until the embedding's contribution arrives).
+            Planned as if live through the whole step (exact in backward, a small over-count in the
+            first forward pass).
         meta: free-form facts for reports (model name, dtype, measured peak, ...).
     """
 
@@ -109,6 +114,7 @@ class Profile:
     device: str = "synthetic"
     repeats: int = 0
     fingerprint: str = ""
+    head_residual_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -169,6 +175,14 @@ class Profile:
         )
         return cls(stages=stages, fixed_bytes=int(fixed_bytes))
 
+    def with_extra_fixed(self, extra_bytes: int, label: str) -> Profile:
+        """The same chain with ``extra_bytes`` more fixed memory (e.g. optimizer state), noted in meta."""
+        if extra_bytes < 0:
+            raise ProfileError(f"Profile.with_extra_fixed: extra_bytes={extra_bytes} must be >= 0")
+        extra = dict(self.meta.get("extra_fixed", {}))
+        extra[label] = extra.get(label, 0) + extra_bytes
+        return dataclasses.replace(self, fixed_bytes=self.fixed_bytes + extra_bytes, meta={**self.meta, "extra_fixed": extra})
+
     # ---- derived numbers ----------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.stages)
@@ -181,6 +195,11 @@ class Profile:
     def output_bytes(self, i: int) -> int:
         """``x_{i+1}``: bytes of stage i's output (0 after the head)."""
         return self.stages[i + 1].x_bytes if i + 1 < len(self.stages) else 0
+
+    @property
+    def base_bytes(self) -> int:
+        """Memory no schedule changes: fixed memory, the input ``x_0`` and the head's residual."""
+        return self.fixed_bytes + self.input_bytes + self.head_residual_bytes
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -216,6 +235,15 @@ class Profile:
             raise ProfileError(f"Profile.from_json: invalid JSON ({e})") from e
         return cls.from_dict(data)
 
+    def fixed_summary(self) -> str:
+        """``'25.1 GiB (parameters 12.6 GiB, gradients 12.6 GiB, ...)'``: what the fixed memory holds."""
+        extra = dict(self.meta.get("extra_fixed", {}))
+        other = self.fixed_bytes - self.params_bytes - self.grads_bytes - sum(extra.values())
+        parts = [f"parameters {format_bytes(self.params_bytes)}", f"gradients {format_bytes(self.grads_bytes)}"]
+        parts += [f"{k} {format_bytes(v)}" for k, v in extra.items()]
+        parts.append(f"buffers and other {format_bytes(other)}")
+        return f"{format_bytes(self.fixed_bytes)} ({', '.join(parts)})"
+
     # ---- report --------------------------------------------------------------------------------
     def __str__(self) -> str:
         rows = []
@@ -238,12 +266,7 @@ class Profile:
             f" ({self.repeats} timed repeats per figure)" if self.repeats else
             f"remat.Profile: {len(self.stages)} stages on {self.device} (times estimated)"
         )
-        fixed = (
-            f"fixed memory {format_bytes(self.fixed_bytes)} (parameters {format_bytes(self.params_bytes)},"
-            f" gradients {format_bytes(self.grads_bytes)}, other"
-            f" {format_bytes(self.fixed_bytes - self.params_bytes - self.grads_bytes)});"
-            f" input x0 {format_bytes(self.input_bytes)}"
-        )
+        fixed = f"fixed memory {self.fixed_summary()}; input x0 {format_bytes(self.input_bytes)}"
         table = render_table(
             ["#", "stage", "kind", "x", "xbar", "fwd", "bwd", "fwd peak+", "bwd peak+"], rows
         )

@@ -38,6 +38,8 @@ from remat._model import (
     call_with_carry,
     carry_of,
     extras_of,
+    hf_checkpointing_active,
+    hf_checkpointing_disable,
     input_signature,
     model_signature,
     same_extras,
@@ -46,7 +48,7 @@ from remat._model import (
 from remat.errors import PlanError, PlanMismatchError
 from remat.plan import Item, Plan, Record, Region
 
-__all__ = ["apply", "remove", "is_applied"]
+__all__ = ["apply", "remove", "is_applied", "plan_of"]
 
 log = logging.getLogger("remat")
 _STATE = "_remat_state"
@@ -208,6 +210,18 @@ class _Executor:
         return forward
 
 
+def state_of(model: nn.Module) -> _Executor:
+    ex = getattr(model, _STATE, None)
+    if ex is None:
+        raise PlanError(f"remat: no plan is applied to this {type(model).__name__}; call remat.apply or remat.auto")
+    return ex
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan applied to ``model`` by :func:`apply` or :func:`remat.auto`."""
+    return state_of(model).plan
+
+
 def is_applied(model: nn.Module) -> bool:
     """Whether :func:`apply` has been called on ``model`` (and not undone)."""
     return getattr(model, _STATE, None) is not None
@@ -258,9 +272,9 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True) -> nn.Modu
                 raise PlanError(f"remat.apply: region {region.start}..{region.stop - 1} contains stage {k}"
                                 f" ({names[k]}), which is not a block and cannot be checkpointed")
     ex = _Executor(model, plan, blocks, check_inputs)
-    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_disable"):
+    if hf_checkpointing_active(model):
         log.warning("remat.apply: switching off the model's own gradient checkpointing; the plan replaces it")
-        model.gradient_checkpointing_disable()
+        hf_checkpointing_disable(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         ex.saved_use_cache = config.use_cache

@@ -179,7 +179,7 @@ def _optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int 
         if pred.peak_bytes <= budget_bytes:
             candidates.append((pred.time_s, pred.peak_bytes, tuple(items)))
 
-    act = budget_bytes - profile.fixed_bytes - profile.input_bytes
+    act = budget_bytes - profile.base_bytes
     if act >= 0:
         n = len(profile.stages)
         table = _optimal.solve_table(profile, int(act * (1 + min(0.5, n / max(1, slots)))), slots)
@@ -329,7 +329,7 @@ def min_feasible_plan(profile: Profile, slots: int = 500) -> Plan:
             best, best_items = peak, items
     budget = simulate(profile, _none(profile, None)).peak_bytes
     for _ in range(2):
-        act = budget - profile.fixed_bytes - profile.input_bytes
+        act = budget - profile.base_bytes
         table = _optimal.solve_table(profile, act, slots)
         feasible = table.feasible_slots()
         if len(feasible) == 0:
@@ -364,9 +364,9 @@ def frontier(profile: Profile, *, slots: int = 500) -> list[Plan]:
     plans: dict[tuple[Item, ...], Plan] = {}
     # Two tables: one spanning the whole range, one finer near the low end where plans change fastest.
     for budget in (top, low + (top - low) // 4):
-        act = budget - profile.fixed_bytes - profile.input_bytes
+        act = budget - profile.base_bytes
         table = _optimal.solve_table(profile, act, slots)
-        costs = table.cost[0, -1]
+        costs = table.cost[0, 0, -1]
         last = math.inf
         for m in table.feasible_slots():
             c = float(costs[m])

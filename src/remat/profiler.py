@@ -383,12 +383,16 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                 p.grad.zero_()
 
     def train_step(tl: _Timeline) -> None:
+        # The output is held through backward, as in `out = model(x); loss_fn(out).backward()`: the
+        # logits of a language model stay live, so the plan holds for loops that keep them.
         tl.mark("start")
-        loss = get_loss(model(*args, **kwargs))
+        out = model(*args, **kwargs)
+        loss = get_loss(out)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ProfileError(f"remat.profile: the loss must be a scalar tensor, got {type(loss).__name__}")
         loss.backward()
         tl.mark("end")
+        del out, loss
 
     def nograd_step(tl: _Timeline) -> None:
         with torch.no_grad():
@@ -519,6 +523,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
     # Head: from the last block's output through the loss, and back to the last block's output grad.
     head_end = ("bwd_head", n - 1) if ("bwd_head", n - 1) in ev else ("end", -1)
     last_post, head_ev = ev[head_end]
+    residual = max(0, head_ev.live - last_post.live - full.head_x_bytes) if head_end[0] == "bwd_head" else 0
     head_fwd_ng = med(timed_ng, ("end", -1))
     head_total = med(timed, head_end)
     stages.append(Stage(
@@ -528,7 +533,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
         fwd_s=min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3,
         bwd_s=max(MIN_TIME_S, head_total - (min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3)),
         fwd_nograd_s=head_fwd_ng,
-        bwd_transient_bytes=max(0, head_ev.peak - last_post.live - full.head_x_bytes),
+        bwd_transient_bytes=max(0, head_ev.peak - last_post.live - full.head_x_bytes - residual),
         kind="head",
         checkpointable=False,
         joins_previous=False,
@@ -545,12 +550,14 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
         device=device,
         repeats=repeats,
         fingerprint=fingerprint,
+        head_residual_bytes=residual,
         meta={
             "model": type(model).__name__,
             "detected": how,
             "measured_peak_bytes": peak,
             "carry_shapes": [list(s) if s else None for s in full.shapes],
             "flops": sum(e.flops for e in full.events),
+            "params_numel": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "estimated_times": device == "meta",
         },
     )

@@ -76,7 +76,7 @@ def simulate(profile: Profile, items: Sequence[Item]) -> Prediction:
         items: a plan's items (or a :class:`remat.Plan`).
 
     Returns:
-        A :class:`remat.Prediction`; ``peak_bytes`` includes fixed memory and the input ``x_0``.
+        A :class:`remat.Prediction`; ``peak_bytes`` includes :attr:`Profile.base_bytes`.
 
     >>> from remat import Profile, solve
     >>> p = Profile.from_lists([10, 10, 10, 10], [30, 30, 30, 0], [1.0] * 4, [2.0] * 4)
@@ -101,7 +101,7 @@ def simulate(profile: Profile, items: Sequence[Item]) -> Prediction:
     bwd = sum(s.bwd_s for s in st)
     recompute = sum((c - 1) * s.fwd_s for c, s in zip(counts, st))
     return Prediction(
-        peak_bytes=profile.fixed_bytes + profile.input_bytes + peak,
+        peak_bytes=profile.base_bytes + peak,
         fwd_s=fwd,
         bwd_s=bwd,
         recompute_s=recompute,
