@@ -6,7 +6,10 @@ heterogeneous chains" — the recurrence is restated in docs/cost-model.md with 
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
 :attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to whole slots, so a plan the DP calls feasible
-never exceeds the real budget. Time is O(L^3 * slots), vectorised over the slot axis and the split
+never exceeds the real budget. One refinement of the simulator is taken on the safe side: a stage's
+backward is charged ``max(0, recompute_bwd_extra - output_released)`` whether it runs in the first pass
+or inside a recomputation, so the DP may call a plan infeasible that the simulator, which decides, lets
+through (the ``optimal`` strategy also simulates the baselines and the smallest-peak plan). Time is O(L^3 * slots), vectorised over the slot axis and the split
 point.
 """
 
@@ -35,11 +38,13 @@ class Table:
     slots: int
     x: npt.NDArray[np.int64]
     keep: npt.NDArray[np.int64]  # keep[f, i]: slots a record of stage i holds for the rest of the range
+    width: int = 0  # the table's last slot index (>= slots when records can free more than they keep)
+    hold: npt.NDArray[np.int64] | None = None  # hold[l]: slots live while a region ending at l recomputes
 
     def feasible_slots(self) -> npt.NDArray[np.int64]:
         """Slot counts at which the whole chain is feasible."""
         n = self.cost.shape[1]
-        return np.nonzero(np.isfinite(self.cost[0, 0, n - 1]))[0]
+        return np.nonzero(np.isfinite(self.cost[0, 0, n - 1, : self.slots + 1]))[0]
 
     def items(self, m: int) -> tuple[Item, ...]:
         """The plan for the whole chain within ``m`` slots."""
@@ -56,10 +61,10 @@ class Table:
                 out.append(Record(i))
                 if i == l:
                     return tuple(out)
-                m = min(self.slots, m - int(self.keep[f, i]))
+                m = min(self.width, m - int(self.keep[f, i]))
                 i += 1
             else:
-                out.append(Region(i, d, self._items(0, i, d - 1, m)))
+                out.append(Region(i, d, self._items(0, i, d - 1, m - int(self.hold[d - 1]))))
                 m -= int(self.x[d])
                 i = d
             f = 1
@@ -84,6 +89,12 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
     kb = _slots([s.xbar_bytes for s in st], delta)
     freed = _slots([s.input_freed_bytes for s in st], delta, up=False)  # rounded down: conservative
     keep = np.stack([kb, kb - freed])  # keep[f, i]
+    # The simulator charges -released in the first pass and -released + extra inside recomputation;
+    # the DP, which does not track which one it is in, charges the larger: max(0, extra - released).
+    released = _slots([s.output_released_bytes for s in st], delta, up=False)
+    extra = _slots([s.recompute_bwd_extra_bytes for s in st], delta)
+    margin = np.maximum(0, extra - released)
+    hold = _slots([s.recompute_hold_bytes for s in st], delta)  # live while a region ending here recomputes
     of = _slots([s.fwd_transient_bytes for s in st], delta)
     ofn = _slots([s.fwd_nograd_transient_bytes for s in st], delta)
     ob = _slots([s.bwd_transient_bytes for s in st], delta)
@@ -106,11 +117,17 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
             best = max(best, (x[k] if k > i else 0) + x[k + 1] + ofn[k])
             sweep[i, k + 1] = best
 
+    # A record may hold fewer bytes than the input it frees (negative keep): the rest of the range then
+    # has more room than the range itself, so the table extends past the budget by the total of such
+    # gains (capped at S). The answer is still read at slot count S.
+    top = S
+    S = S + min(S, int(np.maximum(0, -keep[1]).sum()))
     ms = np.arange(S + 1)
     # below[t] is INF on slots m < t and 0 from t on: adding below[thr] masks infeasible slot counts.
     below = np.where(ms[None, :] < np.arange(S + 2)[:, None], INF, 0.0).astype(np.float32)
     cost = np.full((2, n, n, S + 1), INF, dtype=np.float32)
     shifted = np.full((n, n, S + 1), INF, dtype=np.float32)  # shifted[l, j, m] = cost[1, j, l, m - x[j]]
+    body = np.full((n, n, S + 1), INF, dtype=np.float32)  # body[i, l, m] = cost[0, i, l, m - hold[l]]
     decision = np.zeros((2, n, n, S + 1), dtype=np.int32)
     for l in range(n):
         for i in range(l, -1, -1):
@@ -120,7 +137,7 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
             jhi = min(l, int(jmax[i]))
             if jhi >= i + 1:
                 js = np.arange(i + 1, jhi + 1)
-                block = shifted[l, i + 1 : jhi + 1] + cost[0, i, i:jhi]
+                block = shifted[l, i + 1 : jhi + 1] + body[i, i:jhi]
                 block += (cum_uf[js] - cum_uf[i])[:, None]
                 thr = np.minimum(S + 1, np.maximum(x[l + 1] + sweep[i, js], x[js]))
                 block += below[thr]
@@ -129,7 +146,7 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
                 region_dec = np.where(np.isfinite(region), js[arg], 0).astype(np.int32)
             for f in (0, 1):
                 k = int(keep[f, i])
-                rec_req = max(x[l + 1] + kb[i] + of[i], x[i] + x[i + 1] + k + ob[i], k, 0)
+                rec_req = max(x[l + 1] + kb[i] + of[i], x[i] + x[i + 1] + k + ob[i] + margin[i], k, 0)
                 rec = np.full(S + 1, INF, dtype=np.float32)
                 if rec_req <= S:
                     if i == l:
@@ -146,4 +163,7 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
             xi = int(x[i])
             if xi <= S:
                 shifted[l, i, xi:] = cost[1, i, l, : S + 1 - xi]
-    return Table(cost=cost, decision=decision, delta=delta, slots=S, x=x, keep=keep)
+            h = int(hold[l])
+            if h <= S:
+                body[i, l, h:] = cost[0, i, l, : S + 1 - h]
+    return Table(cost=cost, decision=decision, delta=delta, slots=top, x=x, keep=keep, width=S, hold=hold)

@@ -179,7 +179,7 @@ def _optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int 
         if pred.peak_bytes <= budget_bytes:
             candidates.append((pred.time_s, pred.peak_bytes, tuple(items)))
 
-    act = budget_bytes - profile.base_bytes
+    act = int((budget_bytes - profile.base_bytes) / (1 + profile.safety_fraction))
     if act >= 0:
         n = len(profile.stages)
         table = _optimal.solve_table(profile, int(act * (1 + min(0.5, n / max(1, slots)))), slots)
@@ -194,6 +194,8 @@ def _optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int 
                 break
     for baseline in _baselines(profile, budget_bytes):
         consider(baseline)
+    if not candidates:  # at the very edge, the DP's safe side can miss what the simulator allows
+        consider(min_feasible_plan(profile, slots).items)
     if not candidates:
         return _none(profile, None)  # solve() reports it as infeasible
     return min(candidates, key=lambda c: (c[0], c[1]))[2]

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from remat._model import (
     HEAD,
@@ -107,8 +108,25 @@ class _Timeline:
         self._extras: list[Any] = [None] * len(blocks)
         self._prev_ids: tuple[int, int, bool] | None = None
         self._handles: list[Any] = []
+        # Which storages each window saved for backward: "prologue", block k, or ("after", k).
+        self.window: Any = "prologue"
+        self.saved_by: dict[Any, set[int]] = {}
+        self.carry_storage: list[int | None] = [None] * len(blocks)
+        self.out_storage: list[int | None] = [None] * len(blocks)
+        self.pinned: set[int] = set()
+        self._last_out: Any = lambda: None
+        self.output_held = False  # the last block's output still live at the end of the step
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            self.saved_by.setdefault(self.window, set()).add(id(t.untyped_storage()))
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
 
     def mark(self, label: str, index: int = -1) -> None:
+        if label == "end":
+            self.output_held = self._last_out() is not None
         if self.cuda:
             t: Any = torch.cuda.Event(enable_timing=True)
             t.record()
@@ -137,6 +155,7 @@ class _Timeline:
     def _pre(self, k: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.mark("pre", k)
+            self.window = k
             carry, key = split_carry(module, args, kwargs)
             if not isinstance(carry, torch.Tensor):
                 raise ProfileError(
@@ -144,6 +163,7 @@ class _Timeline:
                     f" argument (got {type(carry).__name__}); remat chains blocks through their first input"
                 )
             self.x_bytes[k] = carry.untyped_storage().nbytes()
+            self.carry_storage[k] = id(carry.untyped_storage())
             self.shapes[k] = tuple(carry.shape)
             extras = extras_of(args, kwargs, key)
             prev = self._prev_ids
@@ -158,16 +178,38 @@ class _Timeline:
     def _post(self, k: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             self.mark("post", k)
+            self.window = ("after", k)
             c = carry_of(out)
             self._prev_ids = (id(out), id(c), isinstance(out, torch.Tensor))
+            if isinstance(c, torch.Tensor):
+                self.out_storage[k] = id(c.untyped_storage())
             if k == len(self.blocks) - 1 and isinstance(c, torch.Tensor):
                 self.head_x_bytes = c.untyped_storage().nbytes()
+                self._last_out = weakref.ref(c.untyped_storage())
                 if c.requires_grad and torch.is_grad_enabled():
                     c.register_hook(lambda g: self.mark("bwd_head", k))
 
         return hook
 
     # ---- reading the log -----------------------------------------------------------------------
+    def last_input_freed(self) -> int:
+        """Bytes of the last block's input released once it has run: nobody saved them (the block, its
+        producer, or the code between them) and they are not the model's input."""
+        n = len(self.blocks)
+        sid = self.carry_storage[n - 1]
+        if sid is None or sid in self.pinned:
+            return 0
+        windows = [n - 1, n - 2 if n >= 2 else "prologue", ("after", n - 2)]
+        if any(sid in self.saved_by.get(w, ()) for w in windows):
+            return 0
+        return self.x_bytes[n - 1] or 0
+
+    def output_released(self, k: int) -> bool:
+        """Whether block k's output is gone by its backward: block k did not save it (k = -1: the
+        prologue, whose output is block 0's input), and it is not the model's input."""
+        sid = self.carry_storage[0] if k < 0 else self.out_storage[k]
+        return sid is not None and sid not in self.pinned and sid not in self.saved_by.get("prologue" if k < 0 else k, ())
+
     def check(self, names: Sequence[str]) -> None:
         order = [e.index for e in self.events if e.label == "pre"]
         if order != list(range(len(self.blocks))):
@@ -230,25 +272,32 @@ def _preserved(model: nn.Module, cuda: bool) -> Iterator[None]:
                     b.copy_(v)
 
 
-class _FlashAttentionOnMeta(TorchFunctionMode):
+@contextlib.contextmanager
+def _flash_attention_on_meta() -> Iterator[None]:
     """Note: [Attention on meta] On the meta device ``scaled_dot_product_attention`` takes its math path,
     which materialises the (seq x seq) attention matrix; GPUs run a fused (flash) kernel that keeps only
     the output and a log-sum-exp. To plan for a GPU, the meta profile routes attention to PyTorch's fused
-    CPU flash kernel, whose meta implementation has the same memory behaviour."""
+    CPU flash kernel, whose meta implementation has the same memory behaviour. The function is swapped
+    for the profile's duration (a function mode would not reach the recomputation in backward)."""
+    original = torch.nn.functional.scaled_dot_product_attention
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            return _flash(*args, **kwargs)
-        return func(*args, **kwargs)
+    def sdpa(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if query.device.type == "meta":
+            return _flash(query, *args, **kwargs)
+        return original(query, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
            dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
            enable_gqa: bool = False) -> torch.Tensor:
-    if key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+    # Grouped-query attention: fused kernels read the shared key/value heads without copying them, and
+    # the meta kernel of the fused CPU op only needs the query's shape, so keys and values pass as they are.
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = None if is_causal else attn_mask
     out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -269,26 +318,46 @@ def _fake_copy(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    fake_model = copy.deepcopy(model).to("meta")
+    fake_model = copy.deepcopy(model)
+    # One fake tensor per real one, so tied weights stay tied and an input passed twice is one storage.
     memo: dict[int, Any] = {}
+
+    def fake(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in memo:
+            f = mode.from_tensor(t.detach().to("meta"))
+            memo[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else f
+        return memo[id(t)]
+
     for mod in fake_model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None:
-                if id(p) not in memo:
-                    memo[id(p)] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
-                mod._parameters[name] = memo[id(p)]
+                mod._parameters[name] = fake(p)
         for name, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[name] = mode.from_tensor(b)
-
-    def fake(t: Any) -> Any:
-        return mode.from_tensor(t.to("meta")) if isinstance(t, torch.Tensor) else t
-
+                mod._buffers[name] = fake(b)
     args = torch.utils._pytree.tree_map(fake, args)
     kwargs = torch.utils._pytree.tree_map(fake, kwargs)
     stack.enter_context(mode)
-    stack.enter_context(_FlashAttentionOnMeta())
+    stack.enter_context(_flash_attention_on_meta())
     return fake_model, args, kwargs
+
+
+@contextlib.contextmanager
+def _every_block_checkpointed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Run the model with every block its own checkpoint region (for calibration, see _assemble)."""
+    from remat.executor import apply, remove
+    from remat.plan import Plan, Prediction, Record, Region
+
+    n = len(names)
+    items = (Record(0), *(Region(k, k + 1, (Record(k),)) for k in range(1, n + 1)), Record(n + 1))
+    plan = Plan(items, "every", None, Prediction(0, 0.0, 0.0, 0.0, (), (), 0), (PROLOGUE, *names, HEAD))
+    apply(model, plan, check_inputs=False)
+    try:
+        yield
+    finally:
+        remove(model)
 
 
 def _to_device(obj: Any, device: str) -> Any:
@@ -374,7 +443,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     blocks = [m for _, m in pairs]
     get_loss = loss_function(loss_fn)
     timed_repeats = 0 if meta else repeats
-    tick = _progress(progress, warmup + 2 + 2 * timed_repeats)
+    tick = _progress(progress, warmup + 3 + 2 * timed_repeats)
 
     def zero_grads() -> None:
         for p in model.parameters():
@@ -400,14 +469,20 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
             model(*args, **kwargs)
             tl.mark("end")
 
-    def tracked(step: Callable[[_Timeline], None]) -> _Timeline:
+    def tracked(step: Callable[[_Timeline], None], every: bool = False) -> _Timeline:
         tracker = _Tracked(throughput)
         tracker.track(list(model.parameters()), "parameters")
         tracker.track(list(model.buffers()), "other")
         tracker.track([p.grad for p in model.parameters() if p.grad is not None], "gradients")
         tracker.track(tensors_in((args, kwargs)), "other")
         zero_grads()
-        with _Timeline(blocks, tracker, False) as tl, tracker:
+        with contextlib.ExitStack() as stack:
+            if every:
+                stack.enter_context(_every_block_checkpointed(model, names))
+            tl = stack.enter_context(_Timeline(blocks, tracker, False))
+            stack.enter_context(tracker)
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tl.pack, lambda t: t))
+            tl.pinned = {id(t.untyped_storage()) for t in tensors_in((args, kwargs))}
             step(tl)
         tl.check(names)
         return tl
@@ -421,6 +496,8 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     tick("memory, recording")
     nograd = tracked(nograd_step)
     tick("memory, no recording")
+    recomputed = tracked(train_step, every=True)
+    tick("memory, recomputing")
 
     timed: list[dict[tuple[str, int], float]] = []
     timed_ng: list[dict[tuple[str, int], float]] = []
@@ -452,6 +529,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         how=how,
         full=full,
         nograd=nograd,
+        recomputed=recomputed,
         timed=timed,
         timed_ng=timed_ng,
         med=med,
@@ -462,6 +540,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
 
 
 def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str, full: _Timeline, nograd: _Timeline,
+              recomputed: _Timeline,
               timed: list[dict[tuple[str, int], float]], timed_ng: list[dict[tuple[str, int], float]],
               med: Callable[[list[dict[tuple[str, int], float]], tuple[str, int]], float],
               device: str, repeats: int, fingerprint: str) -> Profile:
@@ -474,10 +553,14 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
     # Backward windows: each "bwd" event ends one block's backward; "end" ends the prologue's.
     bwd: dict[int, tuple[float, int]] = {}
     order = [e for e in full.events if e.label in ("bwd_head", "bwd", "end")]
+    # The last window ("end") holds the backward of the block whose input needs no gradient (and so
+    # has no hook), if there is one, else the prologue's.
+    lowest = min((e.index for e in order if e.label == "bwd"), default=n)
     for prev, e in zip(order, order[1:]):
-        k = e.index if e.label == "bwd" else -1
+        k = e.index if e.label == "bwd" else lowest - 1
         x_in = full.x_bytes[k] if k >= 0 else inputs_bytes
-        ob = max(0, e.peak - prev.live - (x_in or 0))
+        # May be negative: the gradient for the input can reuse the incoming gradient's memory.
+        ob = max(-(x_in or 0), e.peak - prev.live - (x_in or 0))
         bwd[k] = (med(timed, (e.label, e.index)), ob)
 
     # Prologue: from the start to the first block.
@@ -492,16 +575,35 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
         fwd_transient_bytes=max(0, pre0.peak - pre0.live),
         fwd_nograd_transient_bytes=max(0, ev_ng[("pre", 0)][1].peak - ev_ng[("pre", 0)][1].live),
         bwd_transient_bytes=bwd.get(-1, (0.0, 0))[1],
+        output_released_bytes=(full.x_bytes[0] or 0) if full.output_released(-1) else 0,
         kind="prologue",
         checkpointable=False,
         joins_previous=False,
         fwd_flops=pre0.flops,
     ))
+    last_freed = full.last_input_freed()
+    # Note: [Calibrating recomputation] In a run with every block its own checkpoint region, the
+    # backward window of block k holds its recomputation and its backward. What was live at its start
+    # beyond the chain model's figure (recompute_hold_bytes: e.g. the region's first-pass output, still
+    # referenced) and what the window rose above the model's figure for it (recompute_bwd_extra_bytes)
+    # are kept per block, and charged whenever the block ends, or runs inside, a recomputed region.
+    rev = recomputed.by_key()
+    rec_order = [e for e in recomputed.events if e.label in ("bwd_head", "bwd", "end")]
+    rec_lowest = min((e.index for e in rec_order if e.label == "bwd"), default=n)
+    rec_window: dict[int, tuple[int, int]] = {}
+    for prev, e in zip(rec_order, rec_order[1:]):
+        k = e.index if e.label == "bwd" else rec_lowest - 1
+        if k >= 0:
+            rec_window[k] = (prev.live, e.peak)
+    del rev
     for k in range(n):
         before, after = ev[("post", k)]
         # Bytes released between this block's end and the next block's start: its input, if unsaved.
         nxt = ev.get(("pre", k + 1))
-        freed = min(max(0, after.live - nxt[1].live), full.x_bytes[k] or 0) if nxt is not None else 0
+        if nxt is not None:
+            freed = min(max(0, after.live - nxt[1].live), full.x_bytes[k] or 0)
+        else:
+            freed = last_freed
         ng_before, ng_after = ev_ng[("post", k)]
         x_k = full.x_bytes[k] or 0
         stages.append(Stage(
@@ -519,11 +621,39 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
             joins_previous=full.joins[k],
             fwd_flops=after.flops,
             input_freed_bytes=freed,
+            output_released_bytes=(
+                (full.x_bytes[k + 1] or 0) if k + 1 < n else full.head_x_bytes
+            ) if full.output_released(k) else 0,
         ))
+
     # Head: from the last block's output through the loss, and back to the last block's output grad.
     head_end = ("bwd_head", n - 1) if ("bwd_head", n - 1) in ev else ("end", -1)
     last_post, head_ev = ev[head_end]
-    residual = max(0, head_ev.live - last_post.live - full.head_x_bytes) if head_end[0] == "bwd_head" else 0
+    # The head's window opens at the last block's post-hook, before the last block's unsaved input is
+    # released: measure from the live bytes without it.
+    head_start = last_post.live - last_freed
+    residual = max(0, head_ev.live - head_start - full.head_x_bytes) if head_end[0] == "bwd_head" else 0
+    # A model output that the training loop holds (a Sequential's last activation) lives to the end of
+    # the step: it belongs to the residual, not to the last block's record (released at its backward).
+    held = full.head_x_bytes if full.output_held and n > 0 and stages[-1].xbar_bytes >= full.head_x_bytes else 0
+    if held:
+        stages[-1] = dataclasses.replace(stages[-1], xbar_bytes=stages[-1].xbar_bytes - held, output_released_bytes=0)
+    for k in range(n):
+        if k not in rec_window:
+            continue
+        st = stages[k + 1]
+        start_live, peak = rec_window[k]
+        # The chain model's live bytes when region k's recomputation starts, in the calibration run:
+        # base (with what the head leaves), the prologue's record, the outputs of regions 0..k-1 (the
+        # inputs of 1..k), and the gradient y_{k+1}.
+        out_k = (full.x_bytes[k + 1] or 0) if k + 1 < n else full.head_x_bytes
+        expected = (recomputed.events[0].live + residual + held + stages[0].xbar_bytes
+                    + sum(full.x_bytes[m] or 0 for m in range(1, k + 1)) + out_k)
+        hold = max(0, start_live - expected)
+        model_rise = max(st.xbar_bytes + st.fwd_transient_bytes,
+                         st.x_bytes + st.xbar_bytes - st.output_released_bytes + st.bwd_transient_bytes)
+        stages[k + 1] = dataclasses.replace(st, recompute_hold_bytes=hold,
+                                            recompute_bwd_extra_bytes=max(0, peak - start_live - model_rise))
     head_fwd_ng = med(timed_ng, ("end", -1))
     head_total = med(timed, head_end)
     stages.append(Stage(
@@ -533,7 +663,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
         fwd_s=min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3,
         bwd_s=max(MIN_TIME_S, head_total - (min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3)),
         fwd_nograd_s=head_fwd_ng,
-        bwd_transient_bytes=max(0, head_ev.peak - last_post.live - full.head_x_bytes - residual),
+        bwd_transient_bytes=max(-full.head_x_bytes, head_ev.peak - head_start - full.head_x_bytes - residual),
         kind="head",
         checkpointable=False,
         joins_previous=False,
@@ -550,7 +680,8 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
         device=device,
         repeats=repeats,
         fingerprint=fingerprint,
-        head_residual_bytes=residual,
+        head_residual_bytes=residual + held,
+        safety_fraction=0.002,
         meta={
             "model": type(model).__name__,
             "detected": how,

@@ -9,6 +9,7 @@ optimal planner minimises exactly this model, so its simulated time equals its D
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from remat.chain import Profile
@@ -27,9 +28,14 @@ def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
     return best
 
 
-def _seq(profile: Profile, items: Sequence[Item], reserve: int) -> tuple[float, int]:
+def _seq(profile: Profile, items: Sequence[Item], reserve: int, top: bool = True) -> tuple[float, int]:
     """(time, peak above the held input) for ``items`` whose first input is pinned, with ``reserve``
-    bytes of incoming gradient.
+    bytes of incoming gradient; ``top`` for the first pass, False inside a region's recomputation.
+
+    Note: [Outputs at backward] A stage that does not save its own output no longer holds it when its
+    backward runs (``output_released_bytes``). Inside a recomputed region a stage's backward may need
+    more than in the first pass (measured on GPT-2 blocks: the recomputation's last tensors are still
+    live); the profile measures that per stage (``recompute_bwd_extra_bytes``) and it is charged there.
 
     Walks the items from the last to the first: the peak of a suffix is needed to know the peak
     of the item before it, which holds its own record while the suffix runs.
@@ -44,13 +50,15 @@ def _seq(profile: Profile, items: Sequence[Item], reserve: int) -> tuple[float, 
             freed = s.input_freed_bytes if pos > 0 else 0
             keep = s.xbar_bytes - freed
             fwd = reserve + s.xbar_bytes + s.fwd_transient_bytes
-            bwd = s.x_bytes + profile.output_bytes(i) + keep + s.bwd_transient_bytes
+            extra = 0 if top else s.recompute_bwd_extra_bytes
+            bwd = s.x_bytes + profile.output_bytes(i) + keep - s.output_released_bytes + extra + s.bwd_transient_bytes
             t_rest, p_rest = s.fwd_s + s.bwd_s + t_rest, max(fwd, bwd, keep + p_rest)
         elif isinstance(item, Region):
             i, j = item.start, item.stop
             sweep = reserve + sweep_bytes(profile, i, j)
             x_j = profile.output_bytes(j - 1)
-            t_body, p_body = _seq(profile, item.body, x_j)
+            t_body, p_body = _seq(profile, item.body, x_j, False)
+            p_body += st[j - 1].recompute_hold_bytes
             t_sweep = sum(st[k].fwd_s for k in range(i, j))
             t_rest, p_rest = t_sweep + t_rest + t_body, max(sweep, x_j + p_rest, p_body)
         else:
@@ -101,7 +109,7 @@ def simulate(profile: Profile, items: Sequence[Item]) -> Prediction:
     bwd = sum(s.bwd_s for s in st)
     recompute = sum((c - 1) * s.fwd_s for c, s in zip(counts, st))
     return Prediction(
-        peak_bytes=profile.base_bytes + peak,
+        peak_bytes=profile.base_bytes + peak + math.ceil(profile.safety_fraction * max(0, peak)),
         fwd_s=fwd,
         bwd_s=bwd,
         recompute_s=recompute,

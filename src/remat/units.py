@@ -10,6 +10,7 @@ from remat.errors import BudgetError
 __all__ = ["parse_bytes", "format_bytes", "format_seconds"]
 
 _UNITS: dict[str, int] = {
+    "": 1,
     "b": 1,
     "kb": 10**3,
     "mb": 10**6,
