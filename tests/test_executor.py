@@ -106,7 +106,10 @@ def test_measured_peak_is_within_budget_and_5_percent_of_simulated_across_the_fr
     prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1)
     pts = frontier(prof)
     chosen = pts[:: max(1, len(pts) // 6)] + [pts[-1]]
-    tensors = [inputs] if isinstance(inputs, torch.Tensor) else [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    if isinstance(inputs, torch.Tensor):
+        tensors = [inputs]
+    else:
+        tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
     for point in chosen:
         plan = solve(prof, point.peak_bytes)
         remat.apply(model, plan)

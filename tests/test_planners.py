@@ -3,7 +3,7 @@
 import math
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,13 +19,13 @@ from remat import (
     Record,
     Region,
     RematError,
+    _optimal,
     frontier,
     register_strategy,
     simulate,
     solve,
     strategies,
 )
-from remat import _optimal
 from remat.planners import min_feasible_plan
 from remat.revolve import extra_forwards, extra_forwards_closed_form, revolve_items
 
@@ -55,7 +55,7 @@ def all_plans(i, l):
     """Every plan of the DP's space for stages i..l: Record(i)+rest, or Region(i..j-1)+rest (j <= l),
     the region's body any plan of i..j-1. Regions nest freely."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def plans(i, l):
         out = []
         if i == l:
@@ -247,7 +247,7 @@ def test_bad_inputs_raise_clear_errors():
         solve(p, None, strategy="fastest")
     with pytest.raises(BudgetError, match="'lots'"):
         solve(p, "lots")
-    with pytest.raises(RematError, match="expected a remat.Profile"):
+    with pytest.raises(RematError, match=r"expected a remat\.Profile"):
         solve([1, 2, 3], "1GiB")
     with pytest.raises(ProfileError, match="empty"):
         Profile(stages=())
@@ -271,7 +271,11 @@ def test_user_strategies_are_registered_and_validated():
     assert "first-half" in strategies()
     assert solve(p, None, strategy="first-half").strategy == "first-half"
     with pytest.raises(PlanError, match="cannot be checkpointed"):
-        solve(p, None, strategy=lambda prof, b: (Region(0, len(prof.stages), tuple(Record(k) for k in range(len(prof.stages)))),))
+        def everything(prof, b):
+            n = len(prof.stages)
+            return (Region(0, n, tuple(Record(k) for k in range(n))),)
+
+        solve(p, None, strategy=everything)
     with pytest.raises(PlanError, match="expected stage 1"):
         solve(p, None, strategy=lambda prof, b: (Record(0), Record(2)))
 

@@ -103,7 +103,7 @@ def test_unrecognised_models_get_a_clear_error():
 
     with pytest.raises(ProfileError, match=r"nn.Sequential.*ModuleList.*stages="):
         remat.profile(Plain(), torch.randn(2, 4))
-    with pytest.raises(ProfileError, match="'c' which is not a submodule|'c', which is not a submodule"):
+    with pytest.raises(ProfileError, match=r"'c', which is not a submodule"):
         remat.profile(Plain(), torch.randn(2, 4), stages=["a", "c"])
     with pytest.raises(ProfileError, match="did not each run once, in order"):
         remat.profile(Plain(), torch.randn(2, 4), stages=["b", "a"])

@@ -21,42 +21,42 @@ from remat.errors import (
     RematError,
 )
 from remat.plan import Plan, Prediction, Record, Region
-from remat.simulator import simulate
 from remat.planners import frontier, parse_budget, register_strategy, solve, strategies
+from remat.simulator import simulate
 from remat.units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "auto",
-    "apply",
-    "remove",
-    "plan_of",
-    "measure",
-    "profile",
-    "solve",
-    "simulate",
-    "frontier",
-    "strategies",
-    "register_strategy",
-    "parse_budget",
-    "parse_bytes",
-    "format_bytes",
-    "plot_frontier",
-    "MemoryTracker",
+    "BudgetError",
+    "InfeasibleBudgetError",
     "Measurement",
-    "Profile",
-    "Stage",
+    "MemoryTracker",
     "Plan",
+    "PlanError",
+    "PlanMismatchError",
     "Prediction",
+    "Profile",
+    "ProfileError",
     "Record",
     "Region",
     "RematError",
-    "BudgetError",
-    "InfeasibleBudgetError",
-    "ProfileError",
-    "PlanError",
-    "PlanMismatchError",
+    "Stage",
+    "apply",
+    "auto",
+    "format_bytes",
+    "frontier",
+    "measure",
+    "parse_budget",
+    "parse_bytes",
+    "plan_of",
+    "plot_frontier",
+    "profile",
+    "register_strategy",
+    "remove",
+    "simulate",
+    "solve",
+    "strategies",
 ]
 
 # The torch-using layers load on first use, so that the planners work (and import fast) without torch.

@@ -11,11 +11,14 @@ from torch import nn
 
 from remat.errors import ProfileError
 
+#: The arguments a block receives besides its chained input: (positional, keyword).
+Extras = tuple[tuple[Any, ...], dict[str, Any]]
+
 PROLOGUE = "<prologue>"
 HEAD = "<head>"
 
 
-def as_call(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def as_call(example_inputs: Any) -> Extras:
     """``(args, kwargs)`` from a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
@@ -143,7 +146,7 @@ def split_carry(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return None, None
 
 
-def same_extras(a: tuple[tuple[Any, ...], dict[str, Any]], b: tuple[tuple[Any, ...], dict[str, Any]]) -> bool:
+def same_extras(a: Extras, b: Extras) -> bool:
     """Whether two blocks got the same extra arguments (tensors by identity, others by value)."""
     (aa, ak), (ba, bk) = a, b
     if len(aa) != len(ba) or ak.keys() != bk.keys():
@@ -156,12 +159,12 @@ def same_extras(a: tuple[tuple[Any, ...], dict[str, Any]], b: tuple[tuple[Any, .
             try:
                 if x is not y and not bool(x == y):
                     return False
-            except Exception:  # noqa: BLE001 - incomparable objects differ
+            except Exception:
                 return False
     return True
 
 
-def extras_of(args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def extras_of(args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> Extras:
     if key == 0:
         return args[1:], dict(kwargs)
     rest = dict(kwargs)
@@ -169,7 +172,7 @@ def extras_of(args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> tuple[
     return tuple(args), rest
 
 
-def call_with_carry(fn: Callable[..., Any], carry: Any, key: Any, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+def call_with_carry(fn: Callable[..., Any], carry: Any, key: Any, extras: Extras) -> Any:
     eargs, ekw = extras
     if key == 0:
         return fn(carry, *eargs, **ekw)

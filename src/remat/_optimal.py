@@ -5,17 +5,18 @@ heterogeneous chains" — the recurrence is restated in docs/cost-model.md with 
 :mod:`remat.simulate`, so that the DP value equals the simulated time of the plan it returns.
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
-:attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to whole slots, so a plan the DP calls feasible
-never exceeds the real budget. One refinement of the simulator is taken on the safe side: a stage's
-backward is charged ``max(0, recompute_bwd_extra - output_released)`` whether it runs in the first pass
-or inside a recomputation, so the DP may call a plan infeasible that the simulator, which decides, lets
-through (the ``optimal`` strategy also simulates the baselines and the smallest-peak plan). Time is O(L^3 * slots), vectorised over the slot axis and the split
-point.
+:attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to
+whole slots, so a plan the DP calls feasible never exceeds the real budget. One refinement of the
+simulator is taken on the safe side: a stage's backward is charged ``max(0, recompute_bwd_extra -
+output_released)`` whether it runs in the first pass or inside a recomputation, so the DP may call a plan
+infeasible that the simulator, which decides, lets through (the ``optimal`` strategy also simulates the
+baselines and the smallest-peak plan). Time is O(L^3 * slots), vectorised over the slot axis and the
+split point.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +40,8 @@ class Table:
     x: npt.NDArray[np.int64]
     keep: npt.NDArray[np.int64]  # keep[f, i]: slots a record of stage i holds for the rest of the range
     width: int = 0  # the table's last slot index (>= slots when records can free more than they keep)
-    hold: npt.NDArray[np.int64] | None = None  # hold[l]: slots live while a region ending at l recomputes
+    # hold[l]: slots live while a region ending at l recomputes
+    hold: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def feasible_slots(self) -> npt.NDArray[np.int64]:
         """Slot counts at which the whole chain is feasible."""

@@ -70,7 +70,7 @@ def auto(
         plan = solve(prof, budget, strategy=strategy, **options)
     except Exception:
         if restore_cache is not None:
-            config.use_cache = restore_cache
+            setattr(config, "use_cache", restore_cache)  # noqa: B010
         raise
     apply(model, plan)
     if restore_cache is not None:

@@ -16,7 +16,7 @@ from remat._table import render_table
 from remat.errors import ProfileError
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["Stage", "Profile"]
+__all__ = ["Profile", "Stage"]
 
 STAGE_KINDS = ("prologue", "block", "head")
 
@@ -203,7 +203,8 @@ class Profile:
             raise ProfileError(f"Profile.with_extra_fixed: extra_bytes={extra_bytes} must be >= 0")
         extra = dict(self.meta.get("extra_fixed", {}))
         extra[label] = extra.get(label, 0) + extra_bytes
-        return dataclasses.replace(self, fixed_bytes=self.fixed_bytes + extra_bytes, meta={**self.meta, "extra_fixed": extra})
+        meta = {**self.meta, "extra_fixed": extra}
+        return dataclasses.replace(self, fixed_bytes=self.fixed_bytes + extra_bytes, meta=meta)
 
     # ---- derived numbers ----------------------------------------------------------------------
     def __len__(self) -> int:

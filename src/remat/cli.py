@@ -38,7 +38,7 @@ def _profile_from_args(args: argparse.Namespace) -> tuple[Profile, str]:
     built = zoo.build(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
     prof = profile(built.model, built.inputs, loss_fn=built.loss_fn, device=args.device,
-                   throughput=args.throughput, progress=not getattr(args, "json", False),
+                   throughput=args.throughput, progress=sys.stderr.isatty() and not getattr(args, "json", False),
                    repeats=args.repeats)
     where = (f"on meta (no memory used; times estimated for {args.throughput or 'h100'})" if args.device == "meta"
              else f"on {args.device}")
@@ -197,25 +197,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         variants += [plan_variant(built.model, p, f"plan{k}") for k, p in enumerate(plans.values())]
         results = {r.plan.items: r for r in run_variants(built.model, built.inputs, variants, repeats=repeats)
                    if r.plan is not None}
-        rows = []
+        lines: list[list[str]] = []
         for label, b, s, plan in table:
             if plan is None:
-                rows.append([label, format_bytes(b), s, "no", "-", "-", "-", "-", "-"])
+                lines.append([label, format_bytes(b), s, "no", "-", "-", "-", "-", "-"])
                 continue
             r = results[plan.items]
-            rows.append([label, format_bytes(b), s, "yes", format_bytes(plan.peak_bytes), format_bytes(r.peak_bytes),
+            lines.append([label, format_bytes(b), s, "yes", format_bytes(plan.peak_bytes), format_bytes(r.peak_bytes),
                          f"{plan.time_s / none.time_s:.2f}x", f"{r.time_ratio:.2f}x", "yes" if r.grads_equal else "NO"])
         _print(render_table(["budget", "bytes", "strategy", "fits", "sim peak", "measured peak", "sim time",
-                             "measured time", "grads equal"], rows))
+                             "measured time", "grads equal"], lines))
         _print("time = step time / no checkpointing (measured: round-robin medians of"
                f" {repeats}); peaks are exact tensor bytes (remat.measure)")
         from remat.plot import plot_frontier
 
         out = args.plot
-        chosen = solve(prof, budgets[-1][1])
-        measured = [(f"optimal @ {lbl}", results[solve(prof, b).items].peak_bytes,
-                     results[solve(prof, b).items].time_ratio) for lbl, b in budgets[1:]]
-        plot_frontier(prof, out, highlight=chosen, measured=measured)
+        optimal = [(lbl, plan) for lbl, _, s, plan in table if s == "optimal" and plan is not None]
+        measured = [(f"optimal @ {lbl}", results[plan.items].peak_bytes, results[plan.items].time_ratio)
+                    for lbl, plan in optimal[1:]]
+        plot_frontier(prof, out, highlight=optimal[-1][1], measured=measured)
         _print(f"wrote {out} (the memory-time frontier; x = measured points)")
     _print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -21,7 +21,7 @@ from remat.executor import apply, remove
 from remat.memory import measure
 from remat.plan import Plan
 
-__all__ = ["Variant", "Result", "run_variants", "plan_variant"]
+__all__ = ["Result", "Variant", "plan_variant", "run_variants"]
 
 
 @dataclass
@@ -49,7 +49,13 @@ class Result:
 
 def plan_variant(model: nn.Module, plan: Plan, label: str | None = None) -> Variant:
     """A variant that runs ``plan`` (applied on enter, removed on exit)."""
-    return Variant(label or plan.strategy, enter=lambda: apply(model, plan), exit=lambda: remove(model), plan=plan)
+    def enter() -> None:
+        apply(model, plan)
+
+    def leave() -> None:
+        remove(model)
+
+    return Variant(label or plan.strategy, enter=enter, exit=leave, plan=plan)
 
 
 def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Variant], *,

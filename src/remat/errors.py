@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 __all__ = [
-    "RematError",
     "BudgetError",
     "InfeasibleBudgetError",
-    "ProfileError",
     "PlanError",
     "PlanMismatchError",
+    "ProfileError",
+    "RematError",
 ]
 
 

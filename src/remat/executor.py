@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from remat._model import (
+    Extras,
     call_with_carry,
     carry_of,
     extras_of,
@@ -48,7 +49,7 @@ from remat._model import (
 from remat.errors import PlanError, PlanMismatchError
 from remat.plan import Item, Plan, Record, Region
 
-__all__ = ["apply", "remove", "is_applied", "plan_of"]
+__all__ = ["apply", "is_applied", "plan_of", "remove"]
 
 log = logging.getLogger("remat")
 _STATE = "_remat_state"
@@ -60,7 +61,7 @@ class _Stash:
     last: int  # the region's last block
     carry: Any
     out: Any
-    extras: tuple[tuple[Any, ...], dict[str, Any]]
+    extras: Extras
     key: Any
 
 
@@ -150,7 +151,7 @@ class _Executor:
         mods = [m for c in range(start, stop) for m in self.norms.get(c, [])]
         return functools.partial(_norm_context, mods) if mods else None
 
-    def _checkpoint(self, region: Region, carry: Any, key: Any, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    def _checkpoint(self, region: Region, carry: Any, key: Any, extras: Extras) -> Any:
         def run(h: Any, *eargs: Any, **ekw: Any) -> Any:
             return self._run(region.body, h, key, (eargs, ekw))
 
@@ -160,7 +161,7 @@ class _Executor:
             options["context_fn"] = ctx
         return checkpoint(run, carry, *extras[0], **options, **extras[1])
 
-    def _run(self, items: Sequence[Item], carry: Any, key: Any, extras: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    def _run(self, items: Sequence[Item], carry: Any, key: Any, extras: Extras) -> Any:
         out = None
         for it in items:
             if isinstance(it, Record):
@@ -181,7 +182,8 @@ class _Executor:
                 extras = extras_of(args, kwargs, key)
                 region = self.regions[c]
                 out = self._checkpoint(region, carry, key, extras)
-                self.stash = _Stash(c + 1, region.stop - 1, carry_of(out), out, extras, key) if region.stop - 1 > c else None
+                last = region.stop - 1
+                self.stash = _Stash(c + 1, last, carry_of(out), out, extras, key) if last > c else None
                 return out
             if c in self.inside and active:
                 stash = self.stash
@@ -212,7 +214,7 @@ class _Executor:
 
 def state_of(model: nn.Module) -> _Executor:
     ex = getattr(model, _STATE, None)
-    if ex is None:
+    if not isinstance(ex, _Executor):
         raise PlanError(f"remat: no plan is applied to this {type(model).__name__}; call remat.apply or remat.auto")
     return ex
 
@@ -291,7 +293,7 @@ def remove(model: nn.Module) -> nn.Module:
         return model
     ex.uninstall()
     if ex.saved_use_cache is not None:
-        model.config.use_cache = ex.saved_use_cache
+        setattr(getattr(model, "config"), "use_cache", ex.saved_use_cache)  # noqa: B009, B010
     object.__delattr__(model, _STATE)
     return model
 

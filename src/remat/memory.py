@@ -26,7 +26,7 @@ from remat._table import render_table
 from remat.errors import RematError
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["MemoryTracker", "Measurement", "measure"]
+__all__ = ["Measurement", "MemoryTracker", "measure"]
 
 CATEGORIES = ("parameters", "gradients", "saved", "other")
 
@@ -39,7 +39,7 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
 
 
 class _Entry:
-    __slots__ = ("nbytes", "category")
+    __slots__ = ("category", "nbytes")
 
     def __init__(self, nbytes: int, category: str) -> None:
         self.nbytes = nbytes
@@ -163,7 +163,7 @@ class MemoryTracker(TorchDispatchMode):
         if fn is not None:
             try:
                 self.flops += float(fn(*args, **kwargs, out_val=out))
-            except Exception:  # noqa: BLE001 - a counter must never break the step
+            except Exception:
                 pass
         moved = sum(t.nbytes for t in flat_out)
         moved += sum(a.nbytes for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))

@@ -24,7 +24,7 @@ from remat._table import render_table
 from remat.errors import PlanError
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["Record", "Region", "Item", "Plan", "Prediction", "validate_items"]
+__all__ = ["Item", "Plan", "Prediction", "Record", "Region", "validate_items"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Region:
         return {"op": "region", "start": self.start, "stop": self.stop, "body": [b.to_dict() for b in self.body]}
 
 
-Item = Union[Record, Region]
+Item = Union[Record, Region]  # noqa: UP007 - a runtime alias, used before 3.10's X | Y in isinstance
 
 
 def item_from_dict(d: dict[str, Any]) -> Item:

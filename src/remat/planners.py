@@ -21,13 +21,13 @@ from remat.simulator import simulate
 from remat.units import format_bytes, parse_bytes
 
 __all__ = [
-    "solve",
-    "frontier",
-    "register_strategy",
-    "strategies",
-    "parse_budget",
-    "min_feasible_plan",
     "Budget",
+    "frontier",
+    "min_feasible_plan",
+    "parse_budget",
+    "register_strategy",
+    "solve",
+    "strategies",
 ]
 
 Budget = int | str | float | None
@@ -145,7 +145,11 @@ def _revolve(profile: Profile, budget_bytes: int | None, *, snapshots: int | Non
     best: tuple[float, int, Sequence[Item]] | None = None
     fallback: tuple[int, Sequence[Item]] | None = None
     for s in range(1, longest + 1):
-        items = _with_runs(profile, lambda a, b, s=s: revolve_items(a, b - a, s))
+
+        def fill(a: int, b: int, s: int = s) -> Sequence[Item]:
+            return revolve_items(a, b - a, s)
+
+        items = _with_runs(profile, fill)
         pred = simulate(profile, items)
         if budget_bytes is None or pred.peak_bytes <= budget_bytes:
             key = (pred.time_s, pred.peak_bytes, items)

@@ -42,7 +42,7 @@ from remat.chain import Profile, Stage
 from remat.errors import ProfileError, RematError
 from remat.memory import MemoryTracker
 
-__all__ = ["profile", "Throughput", "THROUGHPUTS"]
+__all__ = ["THROUGHPUTS", "Throughput", "profile"]
 
 MIN_TIME_S = 1e-7
 
@@ -208,7 +208,8 @@ class _Timeline:
         """Whether block k's output is gone by its backward: block k did not save it (k = -1: the
         prologue, whose output is block 0's input), and it is not the model's input."""
         sid = self.carry_storage[0] if k < 0 else self.out_storage[k]
-        return sid is not None and sid not in self.pinned and sid not in self.saved_by.get("prologue" if k < 0 else k, ())
+        saved = self.saved_by.get("prologue" if k < 0 else k, ())
+        return sid is not None and sid not in self.pinned and sid not in saved
 
     def check(self, names: Sequence[str]) -> None:
         order = [e.index for e in self.events if e.label == "pre"]
@@ -301,7 +302,7 @@ def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mas
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = None if is_causal else attn_mask
     out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout_p, is_causal or attn_mask is None and query.shape[-2] == key.shape[-2],
+        query, key, value, dropout_p, is_causal or (attn_mask is None and query.shape[-2] == key.shape[-2]),
         attn_mask=attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None, scale=scale,
     )[0]
     return out
@@ -348,10 +349,10 @@ def _fake_copy(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 def _every_block_checkpointed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     """Run the model with every block its own checkpoint region (for calibration, see _assemble)."""
     from remat.executor import apply, remove
-    from remat.plan import Plan, Prediction, Record, Region
+    from remat.plan import Item, Plan, Prediction, Record, Region
 
     n = len(names)
-    items = (Record(0), *(Region(k, k + 1, (Record(k),)) for k in range(1, n + 1)), Record(n + 1))
+    items: tuple[Item, ...] = (Record(0), *(Region(k, k + 1, (Record(k),)) for k in range(1, n + 1)), Record(n + 1))
     plan = Plan(items, "every", None, Prediction(0, 0.0, 0.0, 0.0, (), (), 0), (PROLOGUE, *names, HEAD))
     apply(model, plan, check_inputs=False)
     try:
@@ -604,7 +605,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
             freed = min(max(0, after.live - nxt[1].live), full.x_bytes[k] or 0)
         else:
             freed = last_freed
-        ng_before, ng_after = ev_ng[("post", k)]
+        ng_after = ev_ng[("post", k)][1]
         x_k = full.x_bytes[k] or 0
         stages.append(Stage(
             name=names[k],

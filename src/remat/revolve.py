@@ -18,7 +18,7 @@ __all__ = ["extra_forwards", "extra_forwards_closed_form", "revolve_items"]
 INF = float("inf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _best(l: int, s: int) -> tuple[float, int]:
     """(t(l, s), first split i) by the recurrence ``t(l, s) = min_i [i + t(i, s) + t(l-i, s-1)]``."""
     if l == 1:

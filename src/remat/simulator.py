@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 from remat.chain import Profile
-from remat.plan import Item, Prediction, Record, Region
+from remat.plan import Item, Plan, Prediction, Record, Region
 
 __all__ = ["simulate", "sweep_bytes"]
 
@@ -76,7 +76,7 @@ def _forwards(items: Sequence[Item], counts: list[int]) -> None:
             _forwards(it.body, counts)
 
 
-def simulate(profile: Profile, items: Sequence[Item]) -> Prediction:
+def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     """Predict peak bytes and time (forward, recompute, backward) of running ``items`` on ``profile``.
 
     Args:
@@ -91,8 +91,6 @@ def simulate(profile: Profile, items: Sequence[Item]) -> Prediction:
     >>> simulate(p, solve(p, None, strategy="none")).peak_bytes
     120
     """
-    from remat.plan import Plan
-
     if isinstance(items, Plan):
         items = items.items
     _, peak = _seq(profile, items, 0)

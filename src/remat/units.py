@@ -7,7 +7,7 @@ import re
 
 from remat.errors import BudgetError
 
-__all__ = ["parse_bytes", "format_bytes", "format_seconds"]
+__all__ = ["format_bytes", "format_seconds", "parse_bytes"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -57,7 +57,7 @@ def parse_bytes(value: int | str, *, what: str = "size") -> int:
     if unit not in _UNITS:
         known = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
         raise BudgetError(f"{what} {value!r} has unknown unit {match.group(2)!r}; use one of {known}")
-    return int(math.floor(number * _UNITS[unit]))
+    return math.floor(number * _UNITS[unit])
 
 
 def format_bytes(n: float) -> str:

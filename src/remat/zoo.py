@@ -11,7 +11,7 @@ from torch import nn
 
 from remat.errors import RematError
 
-__all__ = ["MODELS", "build", "MLPBlock", "residual_mlp", "linear_stack", "Built"]
+__all__ = ["MODELS", "Built", "MLPBlock", "build", "linear_stack", "residual_mlp"]
 
 
 class MLPBlock(nn.Module):
