@@ -42,7 +42,7 @@ def extra_forwards(l: int, s: int) -> float:
     """Minimal extra forward steps to reverse ``l`` steps with ``s`` snapshots (``inf`` if ``s < 1``).
 
     >>> extra_forwards(10, 1), extra_forwards(10, 3)
-    (45.0, 13.0)
+    (45.0, 15.0)
     """
     if l < 1:
         raise ValueError(f"extra_forwards: l={l} must be >= 1")
