@@ -50,8 +50,9 @@ def plot_frontier(profile: Profile, path: str, *, highlight: Plan | None = None,
         x, y = xy(plan)
         marker, color = _MARKERS.get(name, ("x", "black"))
         ax.scatter([x], [y], marker=marker, color=color, s=60, zorder=4, label=f"{name}")
-    for label, peak, ratio in measured:
-        ax.scatter([peak / scale], [ratio], marker="x", color="black", s=40, zorder=5)
+    for k, (label, peak, ratio) in enumerate(measured):
+        ax.scatter([peak / scale], [ratio], marker="x", color="black", s=40, zorder=5,
+                   label="measured on the model" if k == 0 else None)
         ax.annotate(label, (peak / scale, ratio), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if highlight is not None:
         x, y = xy(highlight)
