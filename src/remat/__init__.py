@@ -81,6 +81,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "zoo":
+        import importlib
+
+        return importlib.import_module("remat.zoo")
     if name in _LAZY:
         import importlib
 
