@@ -95,8 +95,10 @@ def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Varia
         finally:
             v.exit()
     times: dict[str, list[float]] = {v.label: [] for v in variants}
-    for _ in range(repeats):
-        for v in variants:
+    for r in range(repeats):
+        # Rotate the order each round, so that no variant always follows the same one (a variant that
+        # frees a lot of memory can speed up or slow down the next one's allocations).
+        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
             step = v.step or default_step
             v.enter()
             try:
