@@ -98,7 +98,8 @@ def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Varia
     for r in range(repeats):
         # Rotate the order each round, so that no variant always follows the same one (a variant that
         # frees a lot of memory can speed up or slow down the next one's allocations).
-        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+        k = r % len(variants)
+        for v in [*variants[k:], *variants[:k]]:
             step = v.step or default_step
             v.enter()
             try:

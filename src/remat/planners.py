@@ -383,11 +383,11 @@ def frontier(profile: Profile, *, slots: int = 500) -> list[Plan]:
             if items not in plans:
                 pred = simulate(profile, items)
                 plans[items] = Plan(items, "optimal", pred.peak_bytes, pred, profile.names, profile.fingerprint)
-    for items in _baselines(profile, None):  # the DP's safe side can miss the exact edge plans
-        if tuple(items) not in plans:
-            pred = simulate(profile, items)
-            plans[tuple(items)] = Plan(tuple(items), "optimal", pred.peak_bytes, pred, profile.names,
-                                       profile.fingerprint)
+    for baseline in _baselines(profile, None):  # the DP's safe side can miss the exact edge plans
+        key = tuple(baseline)
+        if key not in plans:
+            pred = simulate(profile, key)
+            plans[key] = Plan(key, "optimal", pred.peak_bytes, pred, profile.names, profile.fingerprint)
     pts = sorted(plans.values(), key=lambda p: (p.peak_bytes, p.time_s))
     out: list[Plan] = []
     for p in pts:
