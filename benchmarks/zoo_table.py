@@ -53,7 +53,8 @@ def main() -> None:
             remat.apply(model, plan)
 
             def step(model=model, inputs=inputs, loss_fn=loss_fn):
-                loss_fn(call(model, inputs)).backward()
+                out = call(model, inputs)  # the loop holds the output through backward, as most do
+                loss_fn(out).backward()
 
             m = remat.measure(step, model=model, inputs=tensors, repeats=0)
             for p in model.parameters():

@@ -111,7 +111,7 @@ def test_cli_profile_then_plan_from_the_saved_profile(tmp_path):
                      "-o", str(out)]) == 0
     assert json.loads(out.read_text())["format"] == "remat.Profile/1"
     assert cli.main(["plan", "--profile", str(out), "--budget", "0.9", "--optimizer", "adam",
-                     "--plot", str(png)]) == 0
+                     "--plot", str(png), "--frontier"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

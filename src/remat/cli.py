@@ -80,6 +80,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fits = "fits" if plan.peak_bytes <= (plan.budget_bytes or plan.peak_bytes) else "does not fit"
     _print(f"\nverdict: one training step {fits} in {format_bytes(plan.budget_bytes or 0)}: predicted peak"
            f" {format_bytes(plan.peak_bytes)}, step time +{100 * plan.prediction.overhead:.1f}% over no checkpointing")
+    if args.frontier:
+        from remat.planners import frontier
+
+        rows = [[format_bytes(p.peak_bytes), format_seconds(p.time_s), f"+{100 * p.prediction.overhead:.1f}%",
+                 sum(1 for _ in p.regions()), max(p.prediction.forwards) - 1] for p in frontier(prof)]
+        _print("\n" + render_table(["peak", "step", "recompute", "regions", "max recomputations"], rows,
+                                   title="the memory-time frontier (optimal plans, smallest peak first):"))
     if args.plot:
         from remat.plot import plot_frontier
 
@@ -261,6 +268,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="count optimizer state as fixed memory (adam: 8 bytes/param, sgd momentum: 4)")
     q.add_argument("--json", action="store_true", help="print the plan as JSON only")
     q.add_argument("--plot", help="write the frontier PNG here")
+    q.add_argument("--frontier", action="store_true", help="also print the memory-time frontier")
     q.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("profile", help="profile a built-in model and save the profile as JSON")
