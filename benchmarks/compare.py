@@ -184,7 +184,7 @@ def render(results: list[dict], speed: list[tuple[int, float]], command: str, el
         " comparison on CUDA.",
         "",
         "Peaks are exact tensor bytes (`remat.measure`, storage tracking). Step times are ratios to no",
-        "checkpointing, medians of round-robin runs (A B C A B C ...) on a shared 2-core machine: the noise",
+        "checkpointing, medians of round-robin runs (order rotated each round) on a shared 2-core machine: the noise",
         "figure per model is the ratio between two identical no-checkpointing variants measured the same way.",
         "`sim` columns are remat's predictions (`remat.simulate`).",
         "",

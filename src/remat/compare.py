@@ -1,8 +1,9 @@
 """Measure several ways of running the same training step side by side: peak, time, gradients.
 
-Used by ``remat demo`` and ``benchmarks/compare.py``. Times are measured round-robin (A B C A B C ...)
-and reported as medians relative to the first variant, so that machine noise hits all alike; peaks come
-from :func:`remat.measure` (exact); gradients are compared bit for bit with the first variant's.
+Used by ``remat demo`` and ``benchmarks/compare.py``. Times are measured round-robin, the order rotated
+each round (A B C, B C A, ...), and reported as medians relative to the first variant, so that machine
+noise hits all alike; peaks come from :func:`remat.measure` (exact); gradients are compared bit for bit
+with the first variant's.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from remat import _optimal
@@ -349,13 +348,6 @@ def min_feasible_plan(profile: Profile, slots: int = 500) -> Plan:
 
 
 # ---- frontier ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FrontierPoint:
-    peak_bytes: int
-    time_s: float
-    plan: Plan
 
 
 def frontier(profile: Profile, *, slots: int = 500) -> list[Plan]:

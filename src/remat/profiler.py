@@ -540,6 +540,17 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     )
 
 
+def _backward_windows(tl: _Timeline, n: int) -> dict[int, tuple[_Event, _Event]]:
+    """(start event, end event) of each stage's backward window, by block index (-1: the prologue).
+
+    Each "bwd" event ends one block's backward; the last window ("end") holds the backward of the block
+    whose input needs no gradient (and so has no hook), if there is one, else the prologue's.
+    """
+    order = [e for e in tl.events if e.label in ("bwd_head", "bwd", "end")]
+    lowest = min((e.index for e in order if e.label == "bwd"), default=n)
+    return {(e.index if e.label == "bwd" else lowest - 1): (prev, e) for prev, e in zip(order, order[1:])}
+
+
 def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str, full: _Timeline, nograd: _Timeline,
               recomputed: _Timeline,
               timed: list[dict[tuple[str, int], float]], timed_ng: list[dict[tuple[str, int], float]],
@@ -551,14 +562,8 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
     start = full.events[0]
     stages: list[Stage] = []
 
-    # Backward windows: each "bwd" event ends one block's backward; "end" ends the prologue's.
     bwd: dict[int, tuple[float, int]] = {}
-    order = [e for e in full.events if e.label in ("bwd_head", "bwd", "end")]
-    # The last window ("end") holds the backward of the block whose input needs no gradient (and so
-    # has no hook), if there is one, else the prologue's.
-    lowest = min((e.index for e in order if e.label == "bwd"), default=n)
-    for prev, e in zip(order, order[1:]):
-        k = e.index if e.label == "bwd" else lowest - 1
+    for k, (prev, e) in _backward_windows(full, n).items():
         x_in = full.x_bytes[k] if k >= 0 else inputs_bytes
         # May be negative: the gradient for the input can reuse the incoming gradient's memory.
         ob = max(-(x_in or 0), e.peak - prev.live - (x_in or 0))
@@ -588,15 +593,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
     # beyond the chain model's figure (recompute_hold_bytes: e.g. the region's first-pass output, still
     # referenced) and what the window rose above the model's figure for it (recompute_bwd_extra_bytes)
     # are kept per block, and charged whenever the block ends, or runs inside, a recomputed region.
-    rev = recomputed.by_key()
-    rec_order = [e for e in recomputed.events if e.label in ("bwd_head", "bwd", "end")]
-    rec_lowest = min((e.index for e in rec_order if e.label == "bwd"), default=n)
-    rec_window: dict[int, tuple[int, int]] = {}
-    for prev, e in zip(rec_order, rec_order[1:]):
-        k = e.index if e.label == "bwd" else rec_lowest - 1
-        if k >= 0:
-            rec_window[k] = (prev.live, e.peak)
-    del rev
+    rec_window = {k: (prev.live, e.peak) for k, (prev, e) in _backward_windows(recomputed, n).items() if k >= 0}
     for k in range(n):
         before, after = ev[("post", k)]
         # Bytes released between this block's end and the next block's start: its input, if unsaved.
@@ -656,13 +653,14 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
         stages[k + 1] = dataclasses.replace(st, recompute_hold_bytes=hold,
                                             recompute_bwd_extra_bytes=max(0, peak - start_live - model_rise))
     head_fwd_ng = med(timed_ng, ("end", -1))
-    head_total = med(timed, head_end)
+    head_total = med(timed, head_end)  # the head's forward and backward, back to back
+    head_fwd = min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3
     stages.append(Stage(
         name=HEAD,
         x_bytes=full.head_x_bytes,
         xbar_bytes=0,
-        fwd_s=min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3,
-        bwd_s=max(MIN_TIME_S, head_total - (min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3)),
+        fwd_s=head_fwd,
+        bwd_s=max(MIN_TIME_S, head_total - head_fwd),
         fwd_nograd_s=head_fwd_ng,
         bwd_transient_bytes=max(-full.head_x_bytes, head_ev.peak - head_start - full.head_x_bytes - residual),
         kind="head",
