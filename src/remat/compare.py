@@ -19,7 +19,7 @@ from torch import nn
 
 from remat._model import as_call, loss_function, tensors_in
 from remat.executor import apply, remove
-from remat.memory import measure
+from remat.memory import measure, reset_grads
 from remat.plan import Plan
 
 __all__ = ["Result", "Variant", "plan_variant", "run_variants"]
@@ -72,11 +72,6 @@ def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Varia
         out = model(*args, **kwargs)
         get_loss(out).backward()
 
-    def zero() -> None:
-        for p in params:
-            if p.grad is not None:
-                p.grad.zero_()
-
     ref: list[torch.Tensor] | None = None
     peaks: dict[str, int] = {}
     equal: dict[str, bool] = {}
@@ -84,7 +79,7 @@ def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Varia
         step = v.step or default_step
         v.enter()
         try:
-            zero()
+            reset_grads(model)
             torch.manual_seed(seed)
             step()
             grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -104,7 +99,7 @@ def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Varia
             step = v.step or default_step
             v.enter()
             try:
-                zero()
+                reset_grads(model)
                 t0 = time.perf_counter()
                 step()
                 times[v.label].append(time.perf_counter() - t0)

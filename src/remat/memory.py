@@ -117,6 +117,12 @@ class MemoryTracker(TorchDispatchMode):
         self.live_bytes -= entry.nbytes
         self._live_by[entry.category] -= entry.nbytes
 
+    def track_model(self, model: torch.nn.Module) -> None:
+        """Declare a model's parameters, buffers and (allocated) gradients."""
+        self.track(list(model.parameters()), "parameters")
+        self.track(list(model.buffers()), "other")
+        self.track([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+
     def mark_saved(self, t: torch.Tensor) -> None:
         """Re-label an activation as saved for backward (parameters and gradients keep their label)."""
         st = _storage(t)
@@ -238,7 +244,8 @@ def _model_device(model: torch.nn.Module | None) -> str:
     return "cpu"
 
 
-def _prepare_grads(model: torch.nn.Module | None, set_to_none: bool) -> None:
+def reset_grads(model: torch.nn.Module | None, set_to_none: bool = False) -> None:
+    """Before a measured step: free gradients (``set_to_none``) or zero them in place, kept allocated."""
     if model is None:
         return
     for p in model.parameters():
@@ -290,9 +297,9 @@ def measure(
     device = device or _model_device(model)
     input_list = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs or [])
     for _ in range(warmup):
-        _prepare_grads(model, set_to_none)
+        reset_grads(model, set_to_none)
         step()
-    _prepare_grads(model, set_to_none)
+    reset_grads(model, set_to_none)
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
@@ -302,9 +309,7 @@ def measure(
     tracker = MemoryTracker()
     handles = []
     if model is not None:
-        tracker.track(list(model.parameters()), "parameters")
-        tracker.track(list(model.buffers()), "other")
-        tracker.track([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+        tracker.track_model(model)
         for p in model.parameters():
             if p.requires_grad:
                 handles.append(p.register_post_accumulate_grad_hook(
@@ -327,7 +332,7 @@ def measure(
 
     times = []
     for _ in range(repeats):
-        _prepare_grads(model, set_to_none)
+        reset_grads(model, set_to_none)
         _sync(device)
         t0 = time.perf_counter()
         step()

@@ -40,7 +40,7 @@ from remat._model import (
 )
 from remat.chain import Profile, Stage
 from remat.errors import ProfileError, RematError
-from remat.memory import MemoryTracker
+from remat.memory import MemoryTracker, reset_grads
 
 __all__ = ["THROUGHPUTS", "Throughput", "profile"]
 
@@ -446,12 +446,6 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     timed_repeats = 0 if meta else repeats
     tick = _progress(progress, warmup + 3 + 2 * timed_repeats)
 
-    def zero_grads() -> None:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.detach_()
-                p.grad.zero_()
-
     def train_step(tl: _Timeline) -> None:
         # The output is held through backward, as in `out = model(x); loss_fn(out).backward()`: the
         # logits of a language model stay live, so the plan holds for loops that keep them.
@@ -472,11 +466,9 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
 
     def tracked(step: Callable[[_Timeline], None], every: bool = False) -> _Timeline:
         tracker = _Tracked(throughput)
-        tracker.track(list(model.parameters()), "parameters")
-        tracker.track(list(model.buffers()), "other")
-        tracker.track([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+        tracker.track_model(model)
         tracker.track(tensors_in((args, kwargs)), "other")
-        zero_grads()
+        reset_grads(model)
         with contextlib.ExitStack() as stack:
             if every:
                 stack.enter_context(_every_block_checkpointed(model, names))
@@ -503,7 +495,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     timed: list[dict[tuple[str, int], float]] = []
     timed_ng: list[dict[tuple[str, int], float]] = []
     for _ in range(timed_repeats):
-        zero_grads()
+        reset_grads(model)
         with _Timeline(blocks, None, cuda) as tl:
             train_step(tl)
         timed.append(tl.durations())
