@@ -15,3 +15,13 @@ def _one_thread_per_worker():
         return
     torch.set_num_threads(1)
     yield
+
+
+try:  # CI runs a fixed set of examples; local runs explore new ones
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
