@@ -1,8 +1,8 @@
 """remat.apply: the plan runs with exactly the plain model's gradients, in the memory predicted."""
 
 import copy
-import os
 import io
+import os
 
 import pytest
 import torch
