@@ -39,6 +39,22 @@ def input_signature(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
+def input_shapes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[list[Any]]:
+    """``[[shape, dtype], ...]`` of the tensors a model is called with, in call order (JSON-able)."""
+    return [[list(t.shape), str(t.dtype)] for t in tensors_in((tuple(args), dict(kwargs)))]
+
+
+def fits_shapes(actual: list[list[Any]], planned: list[list[Any]]) -> bool:
+    """Whether a call's inputs are the planned ones or smaller in every dimension (a shorter last
+    batch, a shorter sequence): activations then take no more memory than planned."""
+    if len(actual) != len(planned):
+        return False
+    for (shape, dtype), (pshape, pdtype) in zip(actual, planned):
+        if dtype != pdtype or len(shape) != len(pshape) or any(a > b for a, b in zip(shape, pshape)):
+            return False
+    return True
+
+
 def model_signature(model: nn.Module, stage_names: Sequence[str]) -> str:
     """Class, parameter names/shapes/dtypes and stage names, as a short hash (device-independent)."""
     parts = [type(model).__qualname__, *stage_names]

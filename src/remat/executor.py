@@ -39,8 +39,10 @@ from remat._model import (
     call_with_carry,
     carry_of,
     extras_of,
+    fits_shapes,
     hf_checkpointing_active,
     hf_checkpointing_disable,
+    input_shapes,
     input_signature,
     model_signature,
     same_extras,
@@ -137,14 +139,19 @@ class _Executor:
     def _check_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        expected = self.plan.fingerprint.split(":", 1)[1]
-        if input_signature(args, kwargs) != expected:
+        if self.plan.input_shapes:
+            ok = fits_shapes(input_shapes(args, kwargs), [list(s) for s in self.plan.input_shapes])
+        else:
+            ok = input_signature(args, kwargs) == self.plan.fingerprint.split(":", 1)[1]
+        if not ok:
             shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
                       if isinstance(t, torch.Tensor)]
+            planned = [tuple(s[0]) for s in self.plan.input_shapes]
             raise PlanMismatchError(
-                f"remat: this plan was made for other input shapes or dtypes than this call's {shapes};"
-                " its memory figures would not hold. Profile and solve again for these inputs"
-                " (remat.auto does both), or apply(model, plan, check_inputs=False) to run it anyway."
+                f"remat: this plan was made for inputs {planned or 'of other shapes'}; this call's {shapes} are"
+                " larger or of another dtype, and the plan's memory figures would not hold. Profile and solve"
+                " again for these inputs (remat.auto does both), or apply(model, plan, check_inputs=False)"
+                " to run it anyway."
             )
 
     def _context(self, start: int, stop: int) -> Callable[[], tuple[Any, Any]] | None:

@@ -139,6 +139,8 @@ class Plan:
         stage_names: names of the profile's stages, for reports.
         fingerprint: the profile's fingerprint; :func:`remat.apply` checks it against the model.
         options: strategy options used (e.g. ``{"segments": 4}``).
+        input_shapes: ``[[shape, dtype], ...]`` of the profiled inputs; :func:`remat.apply` accepts
+            calls whose inputs are these or smaller (empty: no shape check beyond the fingerprint).
     """
 
     items: tuple[Item, ...]
@@ -148,6 +150,7 @@ class Plan:
     stage_names: tuple[str, ...]
     fingerprint: str = ""
     options: dict[str, Any] = field(default_factory=dict, compare=False)
+    input_shapes: tuple[Any, ...] = ()
 
     @property
     def peak_bytes(self) -> int:
@@ -186,6 +189,7 @@ class Plan:
             "budget_bytes": self.budget_bytes,
             "fingerprint": self.fingerprint,
             "options": self.options,
+            "input_shapes": list(self.input_shapes),
             "stage_names": list(self.stage_names),
             "items": [it.to_dict() for it in self.items],
             "prediction": {
@@ -228,6 +232,7 @@ class Plan:
             stage_names=tuple(d["stage_names"]),
             fingerprint=d.get("fingerprint", ""),
             options=d.get("options", {}),
+            input_shapes=tuple(d.get("input_shapes", ())),
         )
 
     # ---- report --------------------------------------------------------------------------------

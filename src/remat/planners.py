@@ -298,6 +298,7 @@ def solve(profile: Profile, budget: Budget = None, *, strategy: str | Strategy =
         stage_names=profile.names,
         fingerprint=profile.fingerprint,
         options=dict(options),
+        input_shapes=tuple(profile.meta.get("input_shapes", ())),
     )
     if budget_bytes is not None and pred.peak_bytes > budget_bytes:
         best = min_feasible_plan(profile)

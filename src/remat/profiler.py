@@ -31,6 +31,7 @@ from remat._model import (
     carry_of,
     extras_of,
     find_stages,
+    input_shapes,
     input_signature,
     loss_function,
     model_signature,
@@ -515,7 +516,9 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         return max(MIN_TIME_S, statistics.median(vals)) if vals else 0.0
 
     storages = {id(s): s for s in (t.untyped_storage() for t in tensors_in((args, kwargs)))}
+    shapes = input_shapes(args, kwargs)
     return _assemble(
+        input_shapes_of=shapes,
         model=model,
         inputs_bytes=sum(s.nbytes() for s in storages.values()),
         names=names,
@@ -543,8 +546,8 @@ def _backward_windows(tl: _Timeline, n: int) -> dict[int, tuple[_Event, _Event]]
     return {(e.index if e.label == "bwd" else lowest - 1): (prev, e) for prev, e in zip(order, order[1:])}
 
 
-def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str, full: _Timeline, nograd: _Timeline,
-              recomputed: _Timeline,
+def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list[Any]], names: list[str],
+              how: str, full: _Timeline, nograd: _Timeline, recomputed: _Timeline,
               timed: list[dict[tuple[str, int], float]], timed_ng: list[dict[tuple[str, int], float]],
               med: Callable[[list[dict[tuple[str, int], float]], tuple[str, int]], float],
               device: str, repeats: int, fingerprint: str) -> Profile:
@@ -679,6 +682,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, names: list[str], how: str
             "measured_peak_bytes": peak,
             "carry_shapes": [list(s) if s else None for s in full.shapes],
             "flops": sum(e.flops for e in full.events),
+            "input_shapes": input_shapes_of,
             "params_numel": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "estimated_times": device == "meta",
         },
