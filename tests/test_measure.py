@@ -148,7 +148,7 @@ def test_meta_profile_gives_the_same_bytes_as_cpu(name):
             assert abs(getattr(a, f) - getattr(b, f)) <= 0.01 * peak, (a.name, f)
         if a.kind == "block":
             assert a == dataclasses.replace(b, fwd_s=a.fwd_s, bwd_s=a.bwd_s, fwd_nograd_s=a.fwd_nograd_s,
-                                            fwd_flops=a.fwd_flops), a.name
+                                            fwd_region_s=a.fwd_region_s, fwd_flops=a.fwd_flops), a.name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

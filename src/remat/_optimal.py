@@ -102,7 +102,7 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
     ob = _slots([s.bwd_transient_bytes for s in st], delta)
     uf = np.array([s.fwd_s for s in st], dtype=np.float32)
     ub = np.array([s.bwd_s for s in st], dtype=np.float32)
-    cum_uf = np.concatenate([[0.0], np.cumsum(uf)])
+    cum_uf = np.concatenate([[0.0], np.cumsum([s.region_s for s in st])])  # what regions add, per stage
 
     # jmax[i]: regions starting at i may end before any j <= jmax[i].
     jmax = np.arange(n)

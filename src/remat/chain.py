@@ -54,6 +54,9 @@ class Stage:
             inside a recomputed region (measured with every block its own region).
         recompute_hold_bytes: bytes beyond the chain model that stay live while a region ending with
             this stage is recomputed (measured likewise).
+        fwd_region_s: what putting the stage in a checkpoint region adds to the step: its unrecorded
+            first pass plus its recomputation beyond a recorded forward (measured with every block its
+            own region); None: ``fwd_s``, one more forward.
     """
 
     name: str
@@ -73,6 +76,12 @@ class Stage:
     output_released_bytes: int = 0
     recompute_bwd_extra_bytes: int = 0
     recompute_hold_bytes: int = 0
+    fwd_region_s: float | None = None
+
+    @property
+    def region_s(self) -> float:
+        """Seconds a checkpoint region adds per pass over this stage."""
+        return self.fwd_s if self.fwd_region_s is None else self.fwd_region_s
 
     def __post_init__(self) -> None:
         for f in (

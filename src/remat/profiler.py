@@ -445,7 +445,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     blocks = [m for _, m in pairs]
     get_loss = loss_function(loss_fn)
     timed_repeats = 0 if meta else repeats
-    tick = _progress(progress, warmup + 3 + 2 * timed_repeats)
+    tick = _progress(progress, warmup + 3 + 3 * timed_repeats)
 
     def train_step(tl: _Timeline) -> None:
         # The output is held through backward, as in `out = model(x); loss_fn(out).backward()`: the
@@ -495,6 +495,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
 
     timed: list[dict[tuple[str, int], float]] = []
     timed_ng: list[dict[tuple[str, int], float]] = []
+    timed_every: list[dict[tuple[str, int], float]] = []
     for _ in range(timed_repeats):
         reset_grads(model)
         with _Timeline(blocks, None, cuda) as tl:
@@ -505,11 +506,17 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
             nograd_step(tl)
         timed_ng.append(tl.durations())
         tick("timing, no recording")
+        reset_grads(model)
+        with _every_block_checkpointed(model, names), _Timeline(blocks, None, cuda) as tl:
+            train_step(tl)
+        timed_every.append(tl.durations())
+        tick("timing, recomputing")
 
     if meta:
         # Estimated windows stand in for timed ones.
         timed = [{(b.label, b.index): b.est_s for b in full.events}]
         timed_ng = [{(b.label, b.index): b.est_s for b in nograd.events}]
+        timed_every = [{(b.label, b.index): b.est_s for b in recomputed.events}]
 
     def med(runs: list[dict[tuple[str, int], float]], key: tuple[str, int]) -> float:
         vals = [r[key] for r in runs if key in r]
@@ -528,6 +535,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         recomputed=recomputed,
         timed=timed,
         timed_ng=timed_ng,
+        timed_every=timed_every,
         med=med,
         device=device,
         repeats=timed_repeats,
@@ -549,6 +557,7 @@ def _backward_windows(tl: _Timeline, n: int) -> dict[int, tuple[_Event, _Event]]
 def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list[Any]], names: list[str],
               how: str, full: _Timeline, nograd: _Timeline, recomputed: _Timeline,
               timed: list[dict[tuple[str, int], float]], timed_ng: list[dict[tuple[str, int], float]],
+              timed_every: list[dict[tuple[str, int], float]],
               med: Callable[[list[dict[tuple[str, int], float]], tuple[str, int]], float],
               device: str, repeats: int, fingerprint: str) -> Profile:
     n = len(names)
@@ -588,7 +597,8 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list
     # beyond the chain model's figure (recompute_hold_bytes: e.g. the region's first-pass output, still
     # referenced) and what the window rose above the model's figure for it (recompute_bwd_extra_bytes)
     # are kept per block, and charged whenever the block ends, or runs inside, a recomputed region.
-    rec_window = {k: (prev.live, e.peak) for k, (prev, e) in _backward_windows(recomputed, n).items() if k >= 0}
+    windows = _backward_windows(recomputed, n)
+    rec_window = {k: (prev.live, e.peak) for k, (prev, e) in windows.items() if k >= 0}
     for k in range(n):
         before, after = ev[("post", k)]
         # Bytes released between this block's end and the next block's start: its input, if unsaved.
@@ -645,8 +655,16 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list
         hold = max(0, start_live - expected)
         model_rise = max(st.xbar_bytes + st.fwd_transient_bytes,
                          st.x_bytes + st.xbar_bytes - st.output_released_bytes + st.bwd_transient_bytes)
+        # Time: in the every-region run, block k's forward window is its unrecorded first pass and its
+        # backward window its recomputation plus backward; a region adds both, less one recorded forward
+        # and the backward that any plan pays.
+        _, e = windows[k]
+        first = med(timed_every, ("post", k))
+        rec_and_bwd = med(timed_every, (e.label, e.index))
+        region_s = max(MIN_TIME_S, first + rec_and_bwd - st.fwd_s - st.bwd_s) if timed_every else None
         stages[k + 1] = dataclasses.replace(st, recompute_hold_bytes=hold,
-                                            recompute_bwd_extra_bytes=max(0, peak - start_live - model_rise))
+                                            recompute_bwd_extra_bytes=max(0, peak - start_live - model_rise),
+                                            fwd_region_s=region_s)
     head_fwd_ng = med(timed_ng, ("end", -1))
     head_total = med(timed, head_end)  # the head's forward and backward, back to back
     head_fwd = min(head_fwd_ng, head_total) if head_fwd_ng else head_total / 3

@@ -59,7 +59,7 @@ def _seq(profile: Profile, items: Sequence[Item], reserve: int, top: bool = True
             x_j = profile.output_bytes(j - 1)
             t_body, p_body = _seq(profile, item.body, x_j, False)
             p_body += st[j - 1].recompute_hold_bytes
-            t_sweep = sum(st[k].fwd_s for k in range(i, j))
+            t_sweep = sum(st[k].region_s for k in range(i, j))
             t_rest, p_rest = t_sweep + t_rest + t_body, max(sweep, x_j + p_rest, p_body)
         else:
             raise TypeError(f"simulate: unknown plan item {item!r}")
@@ -93,7 +93,7 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     """
     if isinstance(items, Plan):
         items = items.items
-    _, peak = _seq(profile, items, 0)
+    total, peak = _seq(profile, items, 0)
     st = profile.stages
     counts = [0] * len(st)
     _forwards(items, counts)
@@ -105,7 +105,7 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
             held[it.stop - 1] = profile.output_bytes(it.stop - 1)
     fwd = sum(s.fwd_s for s in st)
     bwd = sum(s.bwd_s for s in st)
-    recompute = sum((c - 1) * s.fwd_s for c, s in zip(counts, st))
+    recompute = max(0.0, total - fwd - bwd)
     return Prediction(
         peak_bytes=profile.base_bytes + peak + math.ceil(profile.safety_fraction * max(0, peak)),
         fwd_s=fwd,
