@@ -64,7 +64,6 @@ class _Stash:
     carry: Any
     out: Any
     extras: Extras
-    key: Any
 
 
 class _RestoreNormStats:
@@ -190,7 +189,7 @@ class _Executor:
                 region = self.regions[c]
                 out = self._checkpoint(region, carry, key, extras)
                 last = region.stop - 1
-                self.stash = _Stash(c + 1, last, carry_of(out), out, extras, key) if last > c else None
+                self.stash = _Stash(c + 1, last, carry_of(out), out, extras) if last > c else None
                 return out
             if c in self.inside and active:
                 stash = self.stash
