@@ -9,12 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from torch.distributed._tools.mem_tracker import MemTracker
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.models import hf
+from tests.models import hf, memtracker_peak, no_attention_dropout
 
 import remat
 
@@ -29,18 +26,8 @@ def main() -> None:
         step()
         ours = remat.measure(step, model=model, inputs=[inputs["input_ids"], inputs["attention_mask"]],
                              warmup=0, repeats=0).peak_bytes
-        ref = MemTracker()
-        ref.track_external(model, inputs["input_ids"], inputs["attention_mask"])
-        for p in model.parameters():
-            p.grad.zero_()
-        with ref:
-            step()
-        theirs = ref.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-        for m in model.modules():  # attention dropout off: on CPU it would take the math path
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            if hasattr(m, "attention_dropout"):
-                m.attention_dropout = 0.0
+        theirs = memtracker_peak(model, step, inputs["input_ids"], inputs["attention_mask"])
+        no_attention_dropout(model)
         cpu = remat.profile(model, inputs, repeats=1).meta["measured_peak_bytes"]
         meta = remat.profile(model, inputs, device="meta").meta["measured_peak_bytes"]
         print(f"{name}: remat.measure {ours:,} B, MemTracker {theirs:,} B ({100 * (ours - theirs) / theirs:+.3f}%);"

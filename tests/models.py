@@ -82,6 +82,28 @@ def hf(name: str, batch: int = 2, seq: int = 32, gqa: bool = True):
     return model, inputs
 
 
+def no_attention_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: on CPU, attention with dropout takes the math path (s x s weights)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.0
+
+
+def memtracker_peak(model: nn.Module, step, *inputs: torch.Tensor) -> int:
+    """Peak of ``step`` by torch's own MemTracker (independent of remat), gradients allocated and zeroed."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    ref = MemTracker()
+    ref.track_external(model, *inputs)
+    for p in model.parameters():
+        p.grad.zero_()
+    with ref:
+        step()
+    return int(ref.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
 def mlp(depth: int = 6, width: int = 64):
     torch.manual_seed(0)
     return zoo.residual_mlp(depth, width, 2 * width, dropout=0.1), torch.randn(32, width)

@@ -10,7 +10,7 @@ from torch import nn
 import remat
 from remat import MemoryTracker, measure
 
-from .models import hf
+from .models import hf, memtracker_peak, no_attention_dropout
 
 F32 = 4
 
@@ -109,18 +109,12 @@ def _gpt2_step(model, inputs):
 
 def test_gpt2_step_matches_an_independent_storage_tracker():
     """torch.distributed._tools.mem_tracker.MemTracker is PyTorch's own tracker, built independently."""
-    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
     model, inputs = hf("gpt2", batch=4, seq=64)
     step = _gpt2_step(model, inputs)
     step()  # allocate gradients, as remat.measure's warm-up does
     ours = measure(step, model=model, inputs=list(inputs.values())[:3], warmup=0, repeats=0)
-    ref = mem_tracker.MemTracker()
-    ref.track_external(model, inputs["input_ids"], inputs["attention_mask"])
-    for p in model.parameters():
-        p.grad.zero_()
-    with ref:
-        step()
-    theirs = ref.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    theirs = memtracker_peak(model, step, inputs["input_ids"], inputs["attention_mask"])
     assert abs(ours.peak_bytes - theirs) <= 0.01 * theirs, (ours.peak_bytes, theirs)
 
 
@@ -130,11 +124,7 @@ def test_meta_profile_gives_the_same_bytes_as_cpu(name):
     plans for the fused kernel GPUs run (see remat.profiler, Note [Attention on meta]). No grouped-query
     attention: while tracing, transformers materialises the mask and so copies K/V heads (docs/faq.md)."""
     model, inputs = hf(name, batch=2, seq=32, gqa=False)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "attention_dropout"):
-            m.attention_dropout = 0.0
+    no_attention_dropout(model)
     cpu = remat.profile(model, inputs, repeats=1)
     meta = remat.profile(model, inputs, device="meta")
     assert meta.device == "meta" and cpu.device == "cpu"
