@@ -26,9 +26,9 @@ import transformers
 from torch.utils.checkpoint import checkpoint_sequential
 
 import remat
-import remat.zoo
-from remat.compare import Variant, plan_variant, run_variants
-from remat.planners import min_feasible_plan
+import remat.app.zoo
+from remat.app.compare import Variant, plan_variant, run_variants
+from remat.planning.strategies import min_feasible_plan
 from remat.units import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def cases(quick: bool) -> list[Case]:
                     False, f"Llama config: {llama.config.num_hidden_layers} layers, hidden {llama.config.hidden_size},"
                     f" GQA 4/2, vocab 4096; batch {ids.shape[0]} x seq {s}"))
     depth, width = (6, 128) if quick else (16, 512)
-    mlp = remat.zoo.residual_mlp(depth, width, 4 * width, dropout=0.1).train()
+    mlp = remat.app.zoo.residual_mlp(depth, width, 4 * width, dropout=0.1).train()
     x = torch.randn(256 if quick else 1024, width)
     out.append(Case("residual-mlp", mlp, x, lambda o: o.float().pow(2).mean(), False, True,
                     f"nn.Sequential of {depth} residual MLP blocks {width} -> {4 * width} -> {width} + LayerNorm;"

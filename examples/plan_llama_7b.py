@@ -2,9 +2,9 @@
 no weights, no memory, a few seconds on a laptop."""
 
 import remat
-import remat.zoo
+import remat.app.zoo
 
-built = remat.zoo.build("llama-7b", batch=8, seq=4096, dtype="bfloat16", device="meta")
+built = remat.app.zoo.build("llama-7b", batch=8, seq=4096, dtype="bfloat16", device="meta")
 profile = remat.profile(built.model, built.inputs, device="meta", throughput="h100")
 print(f"fixed memory: {profile.fixed_summary()}")
 none = remat.solve(profile, None, strategy="none")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from remat import zoo
+from remat.app import zoo
 
 
 class ConvBlock(nn.Module):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import remat
-from remat import cli
-from remat.planners import min_feasible_plan
+from remat.app import cli
+from remat.planning.strategies import min_feasible_plan
 
 from .models import hf
 
@@ -56,7 +56,7 @@ def test_auto_replaces_the_models_own_checkpointing_and_restores_use_cache():
     model.config.use_cache = True
     model.gradient_checkpointing_enable()
     remat.auto(model, inputs, budget=0.9, repeats=1)
-    assert not remat._model.hf_checkpointing_active(model)
+    assert not remat.runtime.model.hf_checkpointing_active(model)
     assert model.config.use_cache is False
     remat.remove(model)
     assert model.config.use_cache is True
@@ -64,7 +64,7 @@ def test_auto_replaces_the_models_own_checkpointing_and_restores_use_cache():
 
 def test_auto_on_a_sequential_with_a_loss_function_and_infeasible_budgets():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[remat.zoo.MLPBlock(64, 128) for _ in range(6)])
+    model = torch.nn.Sequential(*[remat.app.zoo.MLPBlock(64, 128) for _ in range(6)])
     x, target = torch.randn(512, 64), torch.randn(512, 64)
 
     def loss_fn(out):
@@ -77,7 +77,7 @@ def test_auto_on_a_sequential_with_a_loss_function_and_infeasible_budgets():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "remat.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "remat.app.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_cli_plan_prints_a_plan_and_json():

@@ -12,7 +12,7 @@ from torch import nn
 
 import remat
 from remat import PlanMismatchError, simulate, solve
-from remat.planners import frontier, min_feasible_plan
+from remat.planning.strategies import frontier, min_feasible_plan
 
 from .models import TupleNet, cnn, hf, mlp
 
@@ -179,7 +179,7 @@ def test_eval_and_no_grad_run_the_plain_forward(monkeypatch):
     prof = remat.profile(model, inputs, repeats=1)
     remat.apply(model, solve(prof, None, strategy="every"))
     calls = []
-    import remat.executor as ex
+    import remat.runtime.executor as ex
 
     real = ex.checkpoint
     monkeypatch.setattr(ex, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -274,7 +274,7 @@ def test_random_chains_and_budgets_are_exact_and_within_budget(kinds, share, see
     torch.manual_seed(seed)
     d = 24
     make = {"linear": lambda: nn.Linear(d, d), "tanh": nn.Tanh, "gelu": nn.GELU, "norm": lambda: nn.LayerNorm(d),
-            "dropout": lambda: nn.Dropout(0.3), "mlp": lambda: remat.zoo.MLPBlock(d, 2 * d, 0.2)}
+            "dropout": lambda: nn.Dropout(0.3), "mlp": lambda: remat.app.zoo.MLPBlock(d, 2 * d, 0.2)}
     model = nn.Sequential(*[make[k]() for k in kinds])
     x = torch.randn(16, d)
     ref = _grads(copy.deepcopy(model), x, sq_loss, seed=seed)

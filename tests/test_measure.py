@@ -121,7 +121,7 @@ def test_gpt2_step_matches_an_independent_storage_tracker():
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_meta_profile_gives_the_same_bytes_as_cpu(name):
     """Attention dropout off: on CPU, attention with dropout takes the math path, while the meta profile
-    plans for the fused kernel GPUs run (see remat.profiler, Note [Attention on meta]). No grouped-query
+    plans for the fused kernel GPUs run (see remat.runtime.profiler, Note [Attention on meta]). No grouped-query
     attention: while tracing, transformers materialises the mask and so copies K/V heads (docs/faq.md)."""
     model, inputs = hf(name, batch=2, seq=32, gqa=False)
     no_attention_dropout(model)

@@ -19,15 +19,15 @@ from remat import (
     Record,
     Region,
     RematError,
-    _optimal,
     frontier,
     register_strategy,
     simulate,
     solve,
     strategies,
 )
-from remat.planners import min_feasible_plan
-from remat.revolve import extra_forwards, extra_forwards_closed_form, revolve_items
+from remat.planning import optimal as _optimal
+from remat.planning.revolve import extra_forwards, extra_forwards_closed_form, revolve_items
+from remat.planning.strategies import min_feasible_plan
 
 BASELINES = ["none", "every", "sqrt", "uniform", "revolve"]
 

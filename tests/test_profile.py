@@ -88,7 +88,8 @@ def test_blocks_with_different_arguments_cannot_share_regions():
     torch.manual_seed(0)
     prof = remat.profile(Alternating(6), {"x": torch.randn(4, 16), "mask": torch.ones(4, 32)}, repeats=1)
     assert [s.joins_previous for s in prof.stages[1:-1]] == [False] * 6
-    for plan in [solve(prof, None, strategy="every"), solve(prof, remat.planners.min_feasible_plan(prof).peak_bytes)]:
+    smallest = remat.planning.strategies.min_feasible_plan(prof).peak_bytes
+    for plan in [solve(prof, None, strategy="every"), solve(prof, smallest)]:
         assert all(r.stop - r.start == 1 for r in plan.regions())
 
 
@@ -136,7 +137,7 @@ def test_profile_prints_round_trips_and_reports_progress(capsys):
 
 
 def test_llama_7b_shape_profiles_on_meta_without_memory():
-    built = remat.zoo.build("llama-7b", batch=1, seq=512, dtype="bfloat16", device="meta")
+    built = remat.app.zoo.build("llama-7b", batch=1, seq=512, dtype="bfloat16", device="meta")
     prof = remat.profile(built.model, built.inputs, device="meta")
     assert len(prof.stages) == 34
     assert prof.params_bytes == 6_738_415_616 * 2  # Llama-2-7B's parameter count, bf16

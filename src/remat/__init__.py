@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from remat.chain import Profile, Stage
 from remat.errors import (
     BudgetError,
     InfeasibleBudgetError,
@@ -20,9 +19,10 @@ from remat.errors import (
     ProfileError,
     RematError,
 )
-from remat.plan import Plan, Prediction, Record, Region
-from remat.planners import frontier, parse_budget, register_strategy, solve, strategies
-from remat.simulator import simulate
+from remat.planning.plan import Plan, Prediction, Record, Region
+from remat.planning.profile import Profile, Stage
+from remat.planning.simulate import simulate
+from remat.planning.strategies import frontier, parse_budget, register_strategy, solve, strategies
 from remat.units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
@@ -61,30 +61,30 @@ __all__ = [
 
 # The torch-using layers load on first use, so that the planners work (and import fast) without torch.
 _LAZY = {
-    "measure": ("remat.memory", "measure"),
-    "MemoryTracker": ("remat.memory", "MemoryTracker"),
-    "Measurement": ("remat.memory", "Measurement"),
-    "profile": ("remat.profiler", "profile"),
-    "apply": ("remat.executor", "apply"),
-    "remove": ("remat.executor", "remove"),
-    "plan_of": ("remat.executor", "plan_of"),
-    "auto": ("remat.autoplan", "auto"),
-    "plot_frontier": ("remat.plot", "plot_frontier"),
+    "measure": ("remat.runtime.measure", "measure"),
+    "MemoryTracker": ("remat.runtime.measure", "MemoryTracker"),
+    "Measurement": ("remat.runtime.measure", "Measurement"),
+    "profile": ("remat.runtime.profiler", "profile"),
+    "apply": ("remat.runtime.executor", "apply"),
+    "remove": ("remat.runtime.executor", "remove"),
+    "plan_of": ("remat.runtime.executor", "plan_of"),
+    "auto": ("remat.runtime.auto", "auto"),
+    "plot_frontier": ("remat.app.plot", "plot_frontier"),
 }
 
 if TYPE_CHECKING:
-    from remat.autoplan import auto
-    from remat.executor import apply, plan_of, remove
-    from remat.memory import Measurement, MemoryTracker, measure
-    from remat.plot import plot_frontier
-    from remat.profiler import profile
+    from remat.app.plot import plot_frontier
+    from remat.runtime.auto import auto
+    from remat.runtime.executor import apply, plan_of, remove
+    from remat.runtime.measure import Measurement, MemoryTracker, measure
+    from remat.runtime.profiler import profile
 
 
 def __getattr__(name: str) -> Any:
     if name == "zoo":
         import importlib
 
-        return importlib.import_module("remat.zoo")
+        return importlib.import_module("remat.app.zoo")
     if name in _LAZY:
         import importlib
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from remat.chain import Profile
-from remat.plan import Item, Record, Region
+from remat.planning.plan import Item, Record, Region
+from remat.planning.profile import Profile
 
 INF = float("inf")
 RECORD = -1  # decision code: record stage i; 0 = infeasible; j > 0 = checkpoint region i..j-1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 
-from remat.plan import Item, Record, Region
+from remat.planning.plan import Item, Record, Region
 
 __all__ = ["extra_forwards", "extra_forwards_closed_form", "revolve_items"]
 

@@ -11,12 +11,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from remat import _optimal
-from remat.chain import Profile
 from remat.errors import BudgetError, InfeasibleBudgetError, RematError
-from remat.plan import Item, Plan, Record, Region, validate_items
-from remat.revolve import revolve_items
-from remat.simulator import simulate
+from remat.planning import optimal as _optimal
+from remat.planning.plan import Item, Plan, Record, Region, validate_items
+from remat.planning.profile import Profile
+from remat.planning.revolve import revolve_items
+from remat.planning.simulate import simulate
 from remat.units import format_bytes, parse_bytes
 
 __all__ = [

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._model import as_call, loss_function, tensors_in
-from remat.executor import apply, remove
-from remat.memory import measure, reset_grads
-from remat.plan import Plan
+from remat.planning.plan import Plan
+from remat.runtime.executor import apply, remove
+from remat.runtime.measure import measure, reset_grads
+from remat.runtime.model import as_call, loss_function, tensors_in
 
 __all__ = ["Result", "Variant", "plan_variant", "run_variants"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from remat.chain import Profile
-from remat.plan import Item, Plan, Prediction, Record, Region
+from remat.planning.plan import Item, Plan, Prediction, Record, Region
+from remat.planning.profile import Profile
 
 __all__ = ["simulate", "sweep_bytes"]
 

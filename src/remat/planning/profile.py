@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from remat._table import render_table
 from remat.errors import ProfileError
+from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
 __all__ = ["Profile", "Stage"]

@@ -34,7 +34,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from remat._model import (
+from remat.errors import PlanError, PlanMismatchError
+from remat.planning.plan import Item, Plan, Record, Region
+from remat.runtime.model import (
     Extras,
     call_with_carry,
     carry_of,
@@ -48,8 +50,6 @@ from remat._model import (
     same_extras,
     split_carry,
 )
-from remat.errors import PlanError, PlanMismatchError
-from remat.plan import Item, Plan, Record, Region
 
 __all__ = ["apply", "is_applied", "plan_of", "remove"]
 

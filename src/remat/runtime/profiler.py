@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._model import (
+from remat.errors import ProfileError, RematError
+from remat.planning.profile import Profile, Stage
+from remat.runtime.measure import MemoryTracker, reset_grads
+from remat.runtime.model import (
     HEAD,
     PROLOGUE,
     as_call,
@@ -39,9 +42,6 @@ from remat._model import (
     split_carry,
     tensors_in,
 )
-from remat.chain import Profile, Stage
-from remat.errors import ProfileError, RematError
-from remat.memory import MemoryTracker, reset_grads
 
 __all__ = ["THROUGHPUTS", "Throughput", "profile"]
 
@@ -349,8 +349,8 @@ def _fake_copy(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 @contextlib.contextmanager
 def _every_block_checkpointed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     """Run the model with every block its own checkpoint region (for calibration, see _assemble)."""
-    from remat.executor import apply, remove
-    from remat.plan import Item, Plan, Prediction, Record, Region
+    from remat.planning.plan import Item, Plan, Prediction, Record, Region
+    from remat.runtime.executor import apply, remove
 
     n = len(names)
     items: tuple[Item, ...] = (Record(0), *(Region(k, k + 1, (Record(k),)) for k in range(1, n + 1)), Record(n + 1))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from remat.chain import Profile
 from remat.errors import RematError
-from remat.plan import Plan
-from remat.planners import frontier, solve
-from remat.simulator import simulate
+from remat.planning.plan import Plan
+from remat.planning.profile import Profile
+from remat.planning.simulate import simulate
+from remat.planning.strategies import frontier, solve
 
 __all__ = ["plot_frontier"]
 

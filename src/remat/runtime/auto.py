@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._model import hf_checkpointing_active, hf_checkpointing_disable
-from remat.executor import apply, state_of
-from remat.planners import Budget, solve
-from remat.profiler import profile
-from remat.simulator import simulate
+from remat.planning.simulate import simulate
+from remat.planning.strategies import Budget, solve
+from remat.runtime.executor import apply, state_of
+from remat.runtime.model import hf_checkpointing_active, hf_checkpointing_disable
+from remat.runtime.profiler import profile
 from remat.units import format_bytes
 
 __all__ = ["auto"]

@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from remat._table import render_table
 from remat.errors import RematError
+from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
 __all__ = ["Measurement", "MemoryTracker", "measure"]

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from remat._table import render_table
 from remat.errors import PlanError
+from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
 __all__ = ["Item", "Plan", "Prediction", "Record", "Region", "validate_items"]
@@ -259,11 +259,3 @@ class Plan:
             f"{self.summary()}\nfixed memory {format_bytes(p.fixed_bytes)}; regions: {sum(1 for _ in self.regions())}"
             f"\n{table}"
         )
-
-    def plot(self, path: str, profile: Any = None) -> str:
-        """Write a PNG of the memory-time frontier with this plan highlighted (needs ``profile``)."""
-        from remat.plot import plot_frontier
-
-        if profile is None:
-            raise PlanError("Plan.plot: pass the profile the plan was made from: plan.plot(path, profile)")
-        return plot_frontier(profile, path, highlight=self)

@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from remat._table import render_table
-from remat.chain import Profile
 from remat.errors import RematError
+from remat.planning.profile import Profile
+from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds, parse_bytes
 
 OPTIMIZER_STATE_BYTES_PER_PARAM = {"none": 0, "sgd": 4, "adam": 8}
@@ -32,8 +32,8 @@ def _profile_from_args(args: argparse.Namespace) -> tuple[Profile, str]:
         return prof, f"profile {args.profile} ({len(prof.stages)} stages, {prof.device})"
     if not args.model:
         raise RematError("remat plan: name a model (e.g. gpt2, llama-7b) or pass --profile FILE")
-    from remat import zoo
-    from remat.profiler import profile
+    from remat.app import zoo
+    from remat.runtime.profiler import profile
 
     built = zoo.build(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
@@ -58,8 +58,8 @@ def _add_optimizer(prof: Profile, optimizer: str) -> Profile:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from remat.planners import min_feasible_plan, solve
-    from remat.simulator import simulate
+    from remat.planning.simulate import simulate
+    from remat.planning.strategies import min_feasible_plan, solve
 
     prof, desc = _profile_from_args(args)
     prof = _add_optimizer(prof, args.optimizer)
@@ -81,14 +81,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _print(f"\nverdict: one training step {fits} in {format_bytes(plan.budget_bytes or 0)}: predicted peak"
            f" {format_bytes(plan.peak_bytes)}, step time +{100 * plan.prediction.overhead:.1f}% over no checkpointing")
     if args.frontier:
-        from remat.planners import frontier
+        from remat.planning.strategies import frontier
 
         rows = [[format_bytes(p.peak_bytes), format_seconds(p.time_s), f"+{100 * p.prediction.overhead:.1f}%",
                  sum(1 for _ in p.regions()), max(p.prediction.forwards) - 1] for p in frontier(prof)]
         _print("\n" + render_table(["peak", "step", "recompute", "regions", "max recomputations"], rows,
                                    title="the memory-time frontier (optimal plans, smallest peak first):"))
     if args.plot:
-        from remat.plot import plot_frontier
+        from remat.app.plot import plot_frontier
 
         plot_frontier(prof, args.plot, highlight=plan)
         _print(f"wrote {args.plot}")
@@ -121,10 +121,10 @@ def _checkpoint_trade(label: str, model: Any, x: Any, repeats: int) -> None:
     memory, measured side by side."""
     from torch.utils.checkpoint import checkpoint
 
-    from remat.compare import Variant, plan_variant, run_variants
-    from remat.planners import min_feasible_plan, solve
-    from remat.profiler import profile
-    from remat.simulator import simulate
+    from remat.app.compare import Variant, plan_variant, run_variants
+    from remat.planning.simulate import simulate
+    from remat.planning.strategies import min_feasible_plan, solve
+    from remat.runtime.profiler import profile
 
     def loss_fn(out: Any) -> Any:
         return out.float().pow(2).mean()
@@ -158,11 +158,11 @@ def _checkpoint_trade(label: str, model: Any, x: Any, repeats: int) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from remat import zoo
-    from remat.compare import plan_variant, run_variants
-    from remat.planners import min_feasible_plan, solve
-    from remat.profiler import profile
-    from remat.simulator import simulate
+    from remat.app import zoo
+    from remat.app.compare import plan_variant, run_variants
+    from remat.planning.simulate import simulate
+    from remat.planning.strategies import min_feasible_plan, solve
+    from remat.runtime.profiler import profile
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     quick = args.quick
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                              "measured time", "grads equal"], lines))
         _print("time = step time / no checkpointing (measured: round-robin medians of"
                f" {repeats}); peaks are exact tensor bytes (remat.measure)")
-        from remat.plot import plot_frontier
+        from remat.app.plot import plot_frontier
 
         out = args.plot
         optimal = [(lbl, plan) for lbl, _, s, plan in table if s == "optimal" and plan is not None]
@@ -236,8 +236,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from remat import zoo
-    from remat.profiler import THROUGHPUTS
+    from remat.app import zoo
+    from remat.runtime.profiler import THROUGHPUTS
 
     p = argparse.ArgumentParser(prog="remat", description="Fit PyTorch training into a memory budget by"
                                 " activation checkpointing, at the least extra time.")
