@@ -173,24 +173,30 @@ def test_autocast_bfloat16_on_cpu():
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_eval_and_no_grad_run_the_plain_forward(monkeypatch):
+def test_no_grad_runs_the_plain_forward_and_a_recording_eval_step_is_planned(monkeypatch):
+    """A step that records autograd keeps what the plan keeps, in training and evaluation mode alike (a
+    training step run in eval mode was silently unplanned: predicted 180.4 MiB, measured 224.1 MiB)."""
     torch.manual_seed(0)
     model, inputs = hf("gpt2")
     prof = remat.profile(model, inputs, repeats=1)
     remat.apply(model, solve(prof, None, strategy="every"))
     calls = []
-    import remat.runtime.executor as ex
+    import remat.runtime.regions as regions
 
-    real = ex.checkpoint
-    monkeypatch.setattr(ex, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = regions._checkpoint_without_reentrant_generator
+    monkeypatch.setattr(regions, "_checkpoint_without_reentrant_generator",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         model(**inputs)
     model.eval()
-    model(**inputs)
+    with torch.no_grad():
+        model(**inputs)
     assert calls == []
-    model.train()
     model(**inputs).loss.backward()
     assert len(calls) == 4
+    model.train()
+    model(**inputs).loss.backward()
+    assert len(calls) == 8
 
 
 def test_identity_is_kept_and_remove_restores_the_model(tmp_path):
@@ -211,7 +217,7 @@ def test_identity_is_kept_and_remove_restores_the_model(tmp_path):
     fresh, _ = hf("gpt2")
     fresh.load_state_dict(torch.load(buf))
     remat.remove(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     model.eval()
     fresh.eval()
     assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
@@ -230,9 +236,9 @@ def test_stale_plans_are_refused():
         remat.apply(fewer, plan)
     remat.apply(model, plan)
     model(torch.randn(16, 64)).sum().backward()  # a smaller (last) batch needs less memory: accepted
-    with pytest.raises(PlanMismatchError, match=r"made for inputs \[\(32, 64\)\]"):
+    with pytest.raises(PlanMismatchError, match=r"args\[0\] has shape \(64, 64\), larger than the planned \(32, 64\)"):
         model(torch.randn(64, 64)).sum().backward()
-    with pytest.raises(PlanMismatchError, match="another dtype"):
+    with pytest.raises(PlanMismatchError, match="args\\[0\\] is torch.float64, planned torch.float32"):
         model.double()(torch.randn(32, 64, dtype=torch.float64)).sum().backward()
     model.float()
     remat.apply(model, plan, check_inputs=False)
@@ -241,26 +247,32 @@ def test_stale_plans_are_refused():
         model(torch.randn(16, 64))  # inference is never checked
 
 
-def test_torch_compile_of_a_planned_model_trains():
-    """aot_eager traces the planned model through AOTAutograd (the checkpoint regions become
-    tag_activation_checkpoint regions) without needing a C++ toolchain; gradients then match the eager
-    model to float32 rounding (rtol 1e-5): the traced graph may reorder additions."""
+def test_torch_compile_of_the_blocks_of_a_planned_model_trains():
+    """Compiled blocks (aot_eager traces through AOTAutograd without a C++ toolchain) run the same graph in
+    the first pass and in recomputation; gradients then match the eager model to float32 rounding (rtol
+    1e-5: the traced graph may reorder additions). Compiling the whole planned model is refused, never
+    silently wrong (see Note [torch.compile] in remat.runtime.regions)."""
     torch.manual_seed(0)
     model, x = mlp(4, 32)
-    model.eval()  # no dropout: compiled RNG differs from eager RNG
     for m in model.modules():
-        m.training = True
         if isinstance(m, nn.Dropout):
-            m.p = 0.0
+            m.p = 0.0  # compiled RNG differs from eager RNG
     ref = _grads(copy.deepcopy(model), x, sq_loss)
     prof = remat.profile(model, x, loss_fn=sq_loss, repeats=1)
-    remat.apply(model, min_feasible_plan(prof))
-    compiled = torch.compile(model, backend="aot_eager")
+    plan = min_feasible_plan(prof)
+    remat.apply(model, plan)
+    for k, kind in enumerate(plan.stage_kinds):
+        if kind == "block":
+            model.get_submodule(plan.stage_names[k]).compile(backend="aot_eager")
     for p in model.parameters():
         p.grad = None
-    sq_loss(compiled(x)).backward()
+    sq_loss(model(x)).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6)
+    whole, _ = mlp(4, 32)
+    remat.apply(whole, plan)
+    with pytest.raises(Exception, match="remat|[Rr]ecomputed values"):
+        sq_loss(torch.compile(whole, backend="aot_eager")(x)).backward()
 
 
 LAYERS = st.sampled_from(["linear", "tanh", "gelu", "norm", "dropout", "mlp"])

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat.planning.plan import Plan
+from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
 from remat.planning.strategies import Budget, solve
-from remat.runtime.executor import apply, state_of
-from remat.runtime.model import hf_checkpointing_active, hf_checkpointing_disable
+from remat.runtime.executor import apply
 from remat.runtime.profiler import profile
 from remat.units import format_bytes
 
@@ -58,26 +59,17 @@ def auto(
     profiling a model that already checkpoints would measure the wrong chain — and ``use_cache`` is
     set to False while planned (restored by :func:`remat.remove`).
     """
-    restore_cache = None
-    if hf_checkpointing_active(model):
-        log.warning("remat.auto: switching off the model's own gradient checkpointing; remat's plan replaces it")
-        hf_checkpointing_disable(model)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        restore_cache, config.use_cache = config.use_cache, False
     prof = profile(model, example_inputs, loss_fn=loss_fn, stages=stages, repeats=repeats, progress=progress)
-    try:
-        plan = solve(prof, budget, strategy=strategy, **options)
-    except Exception:
-        if restore_cache is not None:
-            setattr(config, "use_cache", restore_cache)  # noqa: B010
-        raise
+    plan = solve(prof, budget, strategy=strategy, **options)
     apply(model, plan)
-    if restore_cache is not None:
-        state_of(model).saved_use_cache = restore_cache
+    _log_summary(prof, plan)
+    return model
+
+
+def _log_summary(prof: Profile, plan: Plan) -> None:
     none = simulate(prof, solve(prof, None, strategy="none"))
     p = plan.prediction
-    blocks = [n for n in prof.names if not n.startswith("<")]
+    blocks = [prof.names[k] for k, s in enumerate(prof.stages) if s.kind == "block"]
     log.info(
         "remat.auto: %d stages (%s%s); budget %s; predicted peak %s vs %s without checkpointing;"
         " +%.1f%% step time (strategy %s, %d regions)",
@@ -86,4 +78,3 @@ def auto(
         format_bytes(p.peak_bytes), format_bytes(none.peak_bytes), 100 * p.overhead, plan.strategy,
         sum(1 for _ in plan.regions()),
     )
-    return model

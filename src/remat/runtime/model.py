@@ -16,6 +16,8 @@ Extras = tuple[tuple[Any, ...], dict[str, Any]]
 
 PROLOGUE = "<prologue>"
 HEAD = "<head>"
+#: Prefix of the name of a glue stage: "<glue after>transformer.h.3" (code between that block and the next).
+GLUE = "<glue after>"
 
 
 def as_call(example_inputs: Any) -> Extras:
@@ -40,19 +42,44 @@ def input_signature(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
 
 
 def input_shapes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[list[Any]]:
-    """``[[shape, dtype], ...]`` of the tensors a model is called with, in call order (JSON-able)."""
-    return [[list(t.shape), str(t.dtype)] for t in tensors_in((tuple(args), dict(kwargs)))]
+    """``[[name, shape, dtype], ...]`` of the tensors a model is called with, in call order (JSON-able);
+    names are ``args[0]``, ``attention_mask``, ``inputs[1]`` (a tensor inside a list), ..."""
+    out: list[list[Any]] = []
+    for where, value in [*((f"args[{i}]", a) for i, a in enumerate(args)), *kwargs.items()]:
+        flat = tensors_in(value)
+        for j, t in enumerate(flat):
+            name = where if isinstance(value, torch.Tensor) else f"{where}[{j}]"
+            out.append([name, list(t.shape), str(t.dtype)])
+    return out
 
 
-def fits_shapes(actual: list[list[Any]], planned: list[list[Any]]) -> bool:
-    """Whether a call's inputs are the planned ones or smaller in every dimension (a shorter last
-    batch, a shorter sequence): activations then take no more memory than planned."""
-    if len(actual) != len(planned):
-        return False
-    for (shape, dtype), (pshape, pdtype) in zip(actual, planned):
-        if dtype != pdtype or len(shape) != len(pshape) or any(a > b for a, b in zip(shape, pshape)):
-            return False
-    return True
+def _named(entries: Sequence[Sequence[Any]]) -> dict[str, tuple[list[int], str]]:
+    """By name; entries of plans made before inputs were named (``[shape, dtype]``) are named by position."""
+    out = {}
+    for i, e in enumerate(entries):
+        name, shape, dtype = (e[0], e[1], e[2]) if len(e) == 3 else (f"input {i}", e[0], e[1])
+        out[str(name)] = (list(shape), str(dtype))
+    return out
+
+
+def describe_input_mismatch(actual: list[list[Any]], planned: list[list[Any]]) -> str:
+    """``""`` when a call's inputs are the planned ones or smaller in every dimension (a shorter last
+    batch, a shorter sequence: activations then take no more memory than planned); else what differs,
+    input by input: missing, extra, larger shape, other dtype."""
+    if planned and len(planned[0]) == 2:  # a plan from before inputs were named: compare by position
+        actual = [[f"input {i}", *e[1:]] for i, e in enumerate(actual)]
+    have, want = _named(actual), _named(planned)
+    problems = [f"{n} is missing (planned {tuple(s)} {d})" for n, (s, d) in want.items() if n not in have]
+    problems += [f"{n} was not planned for ({tuple(s)} {d})" for n, (s, d) in have.items() if n not in want]
+    for n, (shape, dtype) in have.items():
+        if n not in want:
+            continue
+        pshape, pdtype = want[n]
+        if dtype != pdtype:
+            problems.append(f"{n} is {dtype}, planned {pdtype}")
+        elif len(shape) != len(pshape) or any(a > b for a, b in zip(shape, pshape)):
+            problems.append(f"{n} has shape {tuple(shape)}, larger than the planned {tuple(pshape)}")
+    return "; ".join(problems)
 
 
 def model_signature(model: nn.Module, stage_names: Sequence[str]) -> str:
@@ -193,19 +220,3 @@ def call_with_carry(fn: Callable[..., Any], carry: Any, key: Any, extras: Extras
     if key == 0:
         return fn(carry, *eargs, **ekw)
     return fn(*eargs, **{key: carry}, **ekw)
-
-
-def hf_checkpointing_active(model: nn.Module) -> bool:
-    """Whether a transformers model has its own activation (gradient) checkpointing switched on."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
-
-
-def hf_checkpointing_disable(model: nn.Module) -> None:
-    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
-        fn = getattr(model, name, None)
-        if fn is not None:
-            fn()
-            return

@@ -25,9 +25,12 @@ import torch
 from torch import nn
 
 from remat.errors import ProfileError, RematError
+from remat.planning.plan import Item, Record, Region
+from remat.planning.simulate import simulate
 from remat.planning.profile import Profile, Stage
 from remat.runtime.measure import MemoryTracker, reset_grads
 from remat.runtime.model import (
+    GLUE,
     HEAD,
     PROLOGUE,
     as_call,
@@ -42,6 +45,7 @@ from remat.runtime.model import (
     split_carry,
     tensors_in,
 )
+from remat.runtime.regions import Runner, suspended
 
 __all__ = ["THROUGHPUTS", "Throughput", "profile"]
 
@@ -92,6 +96,18 @@ class _Event:
     peak: int = 0
     flops: float = 0.0
     est_s: float = 0.0
+    ops: int = 0  # ops run in the window that ends here
+
+
+def _ref(storage: Any) -> Any:
+    try:
+        return weakref.ref(storage)
+    except TypeError:
+        return None
+
+
+def _dead(ref: Any) -> bool:
+    return ref is not None and ref() is None
 
 
 class _Timeline:
@@ -109,6 +125,16 @@ class _Timeline:
         self._extras: list[Any] = [None] * len(blocks)
         self._prev_ids: tuple[int, int, bool] | None = None
         self._handles: list[Any] = []
+        self._ran: set[int] = set()
+        self._ops_seen = 0
+        # Glue (code between blocks k-1 and k): whether block k-1's input and output storages were
+        # freed by the time block k starts, and the bytes of block k-1's output.
+        self._in_ref: list[Any] = [None] * len(blocks)
+        self._out_ref: list[Any] = [None] * len(blocks)
+        self.out_bytes: list[int] = [0] * len(blocks)
+        self.in_freed_by_glue: list[bool] = [False] * len(blocks)
+        self.out_freed_by_glue: list[bool] = [False] * len(blocks)
+        self._done: set[int] = set()
         # Which storages each window saved for backward: "prologue", block k, or ("after", k).
         self.window: Any = "prologue"
         self.saved_by: dict[Any, set[int]] = {}
@@ -138,6 +164,7 @@ class _Timeline:
         if tr is not None:
             ev.live, ev.peak = tr.live_bytes, tr.peak_bytes
             ev.flops, ev.est_s = tr.flops, tr.est_s
+            ev.ops, self._ops_seen = tr.ops - self._ops_seen, tr.ops
             tr.reset_peak()
             tr.flops, tr.est_s = 0.0, 0.0
         self.events.append(ev)
@@ -155,6 +182,9 @@ class _Timeline:
 
     def _pre(self, k: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if k in self._ran:  # a recomputation in backward, not the forward being profiled
+                return
+            self._ran.add(k)
             self.mark("pre", k)
             self.window = k
             carry, key = split_carry(module, args, kwargs)
@@ -165,6 +195,10 @@ class _Timeline:
                 )
             self.x_bytes[k] = carry.untyped_storage().nbytes()
             self.carry_storage[k] = id(carry.untyped_storage())
+            if k > 0:
+                self.in_freed_by_glue[k - 1] = _dead(self._in_ref[k - 1])
+                self.out_freed_by_glue[k - 1] = _dead(self._out_ref[k - 1])
+            self._in_ref[k] = _ref(carry.untyped_storage())
             self.shapes[k] = tuple(carry.shape)
             extras = extras_of(args, kwargs, key)
             prev = self._prev_ids
@@ -178,12 +212,17 @@ class _Timeline:
 
     def _post(self, k: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if k in self._done:
+                return
+            self._done.add(k)
             self.mark("post", k)
             self.window = ("after", k)
             c = carry_of(out)
             self._prev_ids = (id(out), id(c), isinstance(out, torch.Tensor))
             if isinstance(c, torch.Tensor):
                 self.out_storage[k] = id(c.untyped_storage())
+                self.out_bytes[k] = c.untyped_storage().nbytes()
+                self._out_ref[k] = _ref(c.untyped_storage())
             if k == len(self.blocks) - 1 and isinstance(c, torch.Tensor):
                 self.head_x_bytes = c.untyped_storage().nbytes()
                 self._last_out = weakref.ref(c.untyped_storage())
@@ -347,19 +386,16 @@ def _fake_copy(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _every_block_checkpointed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+def _every_block_checkpointed(model: nn.Module, blocks: Sequence[nn.Module], names: Sequence[str]) -> Iterator[None]:
     """Run the model with every block its own checkpoint region (for calibration, see _assemble)."""
-    from remat.planning.plan import Item, Plan, Prediction, Record, Region
-    from remat.runtime.executor import apply, remove
-
-    n = len(names)
+    n = len(blocks)
     items: tuple[Item, ...] = (Record(0), *(Region(k, k + 1, (Record(k),)) for k in range(1, n + 1)), Record(n + 1))
-    plan = Plan(items, "every", None, Prediction(0, 0.0, 0.0, 0.0, (), (), 0), (PROLOGUE, *names, HEAD))
-    apply(model, plan, check_inputs=False)
+    runner = Runner(model, dict(enumerate(blocks, start=1)), items, (PROLOGUE, *names, HEAD))
+    runner.install()
     try:
         yield
     finally:
-        remove(model)
+        runner.uninstall()
 
 
 def _to_device(obj: Any, device: str) -> Any:
@@ -419,13 +455,47 @@ def profile(
             " or pass device='meta' to profile without allocating"
         )
     with contextlib.ExitStack() as stack:
+        stack.enter_context(suspended(model))  # a planned model is profiled as the plain model
         if meta:
             model, args, kwargs = _fake_copy(model, args, kwargs, stack)
         else:
             args, kwargs = _to_device(args, device), _to_device(kwargs, device)
             stack.enter_context(_preserved(model, cuda=device.startswith("cuda")))
-        return _profile(model, args, kwargs, loss_fn=loss_fn, stages=stages, device=device, warmup=warmup,
+        prof = _profile(model, args, kwargs, loss_fn=loss_fn, stages=stages, device=device, warmup=warmup,
                         repeats=repeats, throughput=throughput, progress=progress)
+    return _check_accounting(prof)
+
+
+#: How far above the measured peak the predicted no-checkpointing peak may be (see _check_accounting).
+ACCOUNTING_TOLERANCE = 0.03
+#: Bytes the chain model may miss (counted as live through the whole step), as a share of the peak.
+UNATTRIBUTED_TOLERANCE = 0.01
+
+
+def _check_accounting(prof: Profile) -> Profile:
+    """Note: [Every byte accounted] The profile measured the true peak of the step it profiled; the
+    chain model, run with nothing checkpointed, must predict at least that peak (else a plan could
+    exceed its budget) and at most 3% more (else plans waste budget). A few bytes the model cannot place
+    in a stage (at most 1% of the peak: a scalar loss, a seed gradient) are counted as live through the
+    whole step, which is safe for every plan; more than that is refused."""
+    measured = int(prof.meta.get("measured_peak_bytes", 0))
+    if measured <= 0:
+        return prof
+    predicted = simulate(prof, tuple(Record(k) for k in range(len(prof.stages)))).peak_bytes
+    missing = measured - predicted
+    if 0 < missing <= measured * UNATTRIBUTED_TOLERANCE:
+        meta = {**prof.meta, "unattributed_bytes": missing}
+        return dataclasses.replace(prof, head_residual_bytes=prof.head_residual_bytes + missing, meta=meta)
+    if missing > 0 or predicted > measured * (1 + ACCOUNTING_TOLERANCE):
+        where = "went unaccounted" if missing > 0 else "were counted twice"
+        raise ProfileError(
+            f"remat.profile: the chain model predicts a peak of {predicted:,} B without checkpointing, but the"
+            f" profiled step measured {measured:,} B ({predicted / measured - 1:+.2%}): bytes {where} between"
+            f" the stages {', '.join(prof.names[:4])}{' ...' if len(prof.names) > 4 else ''}. remat cannot plan"
+            " this model safely as it is; name its blocks with stages=[...] so that each stage is one module"
+            " the hidden state flows through."
+        )
+    return prof
 
 
 def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
@@ -472,7 +542,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         reset_grads(model)
         with contextlib.ExitStack() as stack:
             if every:
-                stack.enter_context(_every_block_checkpointed(model, names))
+                stack.enter_context(_every_block_checkpointed(model, blocks, names))
             tl = stack.enter_context(_Timeline(blocks, tracker, False))
             stack.enter_context(tracker)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tl.pack, lambda t: t))
@@ -507,7 +577,7 @@ def _profile(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         timed_ng.append(tl.durations())
         tick("timing, no recording")
         reset_grads(model)
-        with _every_block_checkpointed(model, names), _Timeline(blocks, None, cuda) as tl:
+        with _every_block_checkpointed(model, blocks, names), _Timeline(blocks, None, cuda) as tl:
             train_step(tl)
         timed_every.append(tl.durations())
         tick("timing, recomputing")
@@ -552,6 +622,51 @@ def _backward_windows(tl: _Timeline, n: int) -> dict[int, tuple[_Event, _Event]]
     order = [e for e in tl.events if e.label in ("bwd_head", "bwd", "end")]
     lowest = min((e.index for e in order if e.label == "bwd"), default=n)
     return {(e.index if e.label == "bwd" else lowest - 1): (prev, e) for prev, e in zip(order, order[1:])}
+
+
+def _with_glue(stages: list[Stage], full: _Timeline, ev: dict[tuple[str, int], tuple[_Event, _Event]],
+               ev_ng: dict[tuple[str, int], tuple[_Event, _Event]], timed: list[dict[tuple[str, int], float]],
+               timed_ng: list[dict[tuple[str, int], float]],
+               med: Callable[[list[dict[tuple[str, int], float]], tuple[str, int]], float],
+               names: Sequence[str]) -> list[Stage]:
+    """Note: [Glue] Code the model runs between two blocks (an activation in place, a residual add in
+    the parent's forward, a random draw for LayerDrop, a flatten) is a stage of its own, kind "glue": its
+    bytes are counted, and since it is not a module it is never checkpointed, so the blocks around it
+    never share a region (a recomputation runs the blocks of a region back to back). Its backward runs
+    between the two blocks' backward and is counted in the earlier block's backward window."""
+    out = [stages[0]]
+    for k in range(len(names)):
+        block = stages[k + 1]
+        nxt = ev.get(("pre", k + 1))
+        if nxt is None or nxt[1].ops == 0:
+            out.append(block)
+            continue
+        post, pre = nxt
+        x_in = full.x_bytes[k] or 0
+        freed_in = x_in if full.in_freed_by_glue[k] else 0
+        freed_out = full.out_bytes[k] if full.out_freed_by_glue[k] else 0
+        out.append(dataclasses.replace(block, input_freed_bytes=freed_in, output_released_bytes=0))
+        ng = ev_ng.get(("pre", k + 1))
+        out.append(Stage(
+            name=f"{GLUE}{names[k]}",
+            x_bytes=full.out_bytes[k],
+            xbar_bytes=max(0, pre.live - post.live + freed_in + freed_out),
+            fwd_s=med(timed, ("pre", k + 1)),
+            bwd_s=0.0,
+            fwd_nograd_s=med(timed_ng, ("pre", k + 1)),
+            fwd_transient_bytes=max(0, pre.peak - pre.live),
+            fwd_nograd_transient_bytes=max(0, ng[1].peak - ng[1].live) if ng else 0,
+            kind="glue",
+            checkpointable=False,
+            joins_previous=False,
+            fwd_flops=pre.flops,
+            input_freed_bytes=min(freed_out, full.out_bytes[k]),
+        ))
+    out.append(stages[-1])
+    for i in range(1, len(out)):  # a block after glue never shares a region with the block before
+        if out[i - 1].kind == "glue" and out[i].joins_previous:
+            out[i] = dataclasses.replace(out[i], joins_previous=False)
+    return out
 
 
 def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list[Any]], names: list[str],
@@ -681,6 +796,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list
         joins_previous=False,
         fwd_flops=head_ev.flops,
     ))
+    stages = _with_glue(stages, full, ev, ev_ng, timed, timed_ng, med, names)
     params_bytes = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
     grads_bytes = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
     peak = max(e.peak for e in full.events)
