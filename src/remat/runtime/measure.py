@@ -28,7 +28,13 @@ from remat.units import format_bytes, format_seconds
 
 __all__ = ["Measurement", "MemoryTracker", "measure"]
 
-CATEGORIES = ("parameters", "gradients", "saved", "other")
+CATEGORIES = ("parameters", "gradients", "optimizer", "saved", "other")
+
+
+# torch.tensor(data) builds its tensor outside dispatch, then passes it through lift_fresh: the output
+# shares the input's storage, yet that storage was allocated just now, by the step. (torch.from_numpy and
+# torch.as_tensor pass through lift_fresh too, on numpy's memory: a storage torch cannot resize.)
+_FRESH = {torch.ops.aten.lift_fresh.default}
 
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
@@ -117,6 +123,24 @@ class MemoryTracker(TorchDispatchMode):
         self.live_bytes -= entry.nbytes
         self._live_by[entry.category] -= entry.nbytes
 
+    def reserve(self, nbytes: int, category: str = "other") -> Callable[[], None]:
+        """Count ``nbytes`` that no tensor holds yet (e.g. optimizer state still to be created) as live,
+        until the returned function is called (once; later calls do nothing)."""
+        entry = _Entry(nbytes, category)
+        self.live_bytes += nbytes
+        self._live_by[category] += nbytes
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.peak_breakdown = dict(self._live_by)
+        released: list[bool] = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                self._release(entry)
+
+        return release
+
     def track_model(self, model: torch.nn.Module) -> None:
         """Declare a model's parameters, buffers and (allocated) gradients."""
         self.track(list(model.parameters()), "parameters")
@@ -149,9 +173,13 @@ class MemoryTracker(TorchDispatchMode):
         if not flat_out:
             return out
         inputs: list[torch.UntypedStorage] | None = None
+        fresh = func in _FRESH
         for t in flat_out:
             st = _storage(t)
-            if st is None or st in self._entries or st in self._external:
+            if st is None or st in self._entries or (st in self._external and not fresh):
+                continue
+            if fresh and st.resizable():  # torch.tensor(data): allocated by torch just now (not numpy's memory)
+                self._add(st, "other")
                 continue
             if inputs is None:
                 inputs = [s for s in (_storage(a) for a in tree_flatten((args, kwargs))[0]
@@ -183,15 +211,20 @@ class Measurement:
     Attributes:
         peak_bytes: peak live tensor bytes during the step (declared memory included).
         baseline_bytes: live bytes when the step started (parameters, gradients, inputs, ...).
-        breakdown: live bytes by category at the moment of the peak: parameters, gradients, saved
-            (tensors saved for backward), other (temporaries, outputs, inputs).
+        breakdown: live bytes by category at the moment of the peak: parameters, gradients, optimizer
+            (state; only when an optimizer was given), saved (tensors saved for backward), other
+            (temporaries, outputs, inputs).
         time_s: median wall time of the timed repeats.
         times_s: every timed repeat.
         device: where the step ran.
         set_to_none: whether gradients were set to None before each run (else zeroed in place and
             counted from the start).
         cuda_peak_bytes, cuda_baseline_bytes: the CUDA allocator's ``max_memory_allocated`` and
-            ``memory_allocated`` at the start (None off CUDA).
+            ``memory_allocated`` at the start (None off CUDA; optimizer state still to be created is not in
+            them).
+        optimizer_state_bytes: optimizer state counted from the start of the step (0 without an optimizer).
+        optimizer_state_predicted_bytes: the part of it that did not exist yet, predicted from the
+            parameters (see :func:`remat.runtime.optimizer.optimizer_state_bytes`).
     """
 
     peak_bytes: int
@@ -205,6 +238,8 @@ class Measurement:
     cuda_peak_bytes: int | None = None
     cuda_baseline_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    optimizer_state_bytes: int = 0
+    optimizer_state_predicted_bytes: int = 0
 
     @property
     def step_bytes(self) -> int:
@@ -224,10 +259,16 @@ class Measurement:
         if self.cuda_peak_bytes is not None:
             cuda = f"; CUDA allocator peak {format_bytes(self.cuda_peak_bytes)}"
         grads = "set to None" if self.set_to_none else "kept (zeroed in place)"
+        state = ""
+        if "optimizer" in self.breakdown:
+            state = f"; optimizer state {format_bytes(self.optimizer_state_bytes)}"
+            if self.optimizer_state_predicted_bytes:
+                state += f" ({format_bytes(self.optimizer_state_predicted_bytes)} of it not created yet, predicted)"
+        timed = (f"step {format_seconds(self.time_s)} (median of {len(self.times_s)}, {self.warmup} warm-up)"
+                 if self.times_s else "step not timed (repeats=0)")
         head = (
             f"remat.Measurement on {self.device}: peak {format_bytes(self.peak_bytes)} (step adds"
-            f" {format_bytes(self.step_bytes)}){cuda}; step {format_seconds(self.time_s)}"
-            f" (median of {len(self.times_s)}, {self.warmup} warm-up); gradients {grads}"
+            f" {format_bytes(self.step_bytes)}){cuda}; {timed}; gradients {grads}{state}"
         )
         return head + "\n" + render_table(["at peak", "bytes"], rows)
 
@@ -261,6 +302,7 @@ def measure(
     *,
     model: torch.nn.Module | None = None,
     inputs: Iterable[torch.Tensor] | torch.Tensor | None = None,
+    optimizer: torch.optim.Optimizer | str | None = None,
     warmup: int = 1,
     repeats: int = 3,
     set_to_none: bool = False,
@@ -269,12 +311,15 @@ def measure(
     """Measure one training step: exact peak tensor bytes, a breakdown, and the median wall time.
 
     Args:
-        step: runs one step (forward, loss, backward; an optimizer step if you like). Called
-            ``warmup + 1 + repeats`` times.
+        step: runs one step (forward, loss, backward; an optimizer step if you like), ``warmup + 1 + repeats`` times.
         model: its parameters, buffers and gradients are declared as live from the start; gradients are
             reset before each run as ``set_to_none`` says.
         inputs: other tensors that exist before the step and live through it (the batch).
-        warmup: untimed runs first (they also allocate gradients and lazy state).
+        optimizer: whose state lives through the step, counted from the start: an instance (its state as
+            it is; state not created yet is predicted from the parameters), or a name such as ``"adamw"``
+            for a step that runs no optimizer (predicted for ``model``). Without it, state that exists
+            before the step is not counted.
+        warmup: untimed runs first (they also allocate gradients and lazy state such as optimizer state).
         repeats: timed runs (untracked, so the tracker's overhead is not timed); the median is reported.
         set_to_none: False (default): gradients stay allocated and are zeroed in place, so they count
             from the start — the steady state remat plans for. True: they are freed before each run and
@@ -289,47 +334,61 @@ def measure(
     >>> m = measure(lambda: lin(x).sum().backward(), model=lin, inputs=x, repeats=1)
     >>> m.breakdown["parameters"] == m.breakdown["gradients"] == (128 * 128 + 128) * 4
     True
+    >>> m = measure(lambda: lin(x).sum().backward(), model=lin, inputs=x, optimizer="adam", repeats=0)
+    >>> m.breakdown["optimizer"] == 2 * (128 * 128 + 128) * 4 + 2 * 4  # exp_avg, exp_avg_sq, 2 steps
+    True
     """
-    if not callable(step):
-        raise RematError(f"remat.measure: step must be a callable running one training step, got {step!r}")
-    if warmup < 0 or repeats < 0:
-        raise RematError(f"remat.measure: warmup={warmup} and repeats={repeats} must be >= 0")
+    _check_measure_args(step, model, optimizer, warmup, repeats)
     device = device or _model_device(model)
-    input_list = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs or [])
     for _ in range(warmup):
         reset_grads(model, set_to_none)
         step()
     reset_grads(model, set_to_none)
+    run = _TrackedRun(model, [inputs] if isinstance(inputs, torch.Tensor) else list(inputs or []), optimizer)
+    with _CudaPeak(device) as cuda:
+        run.run(step)
+    times = _timed(step, model, set_to_none, device, repeats)
+    breakdown = {k: v for k, v in run.tracker.peak_breakdown.items() if optimizer is not None or k != "optimizer"}
+    return Measurement(
+        peak_bytes=run.tracker.peak_bytes, baseline_bytes=run.baseline_bytes, breakdown=breakdown,
+        time_s=statistics.median(times) if times else float("nan"), times_s=tuple(times), device=device,
+        warmup=warmup, set_to_none=set_to_none, cuda_peak_bytes=cuda.peak_bytes,
+        cuda_baseline_bytes=cuda.baseline_bytes, optimizer_state_bytes=run.optimizer_bytes,
+        optimizer_state_predicted_bytes=run.predicted_bytes,
+    )
 
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_base = torch.cuda.memory_allocated()
-    tracker = MemoryTracker()
-    handles = []
-    if model is not None:
-        tracker.track_model(model)
-        for p in model.parameters():
-            if p.requires_grad:
-                handles.append(p.register_post_accumulate_grad_hook(
-                    lambda q: tracker.track(q.grad, "gradients")))
-    tracker.track(input_list, "other")
-    baseline = tracker.live_bytes
-    tracker.reset_peak()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        tracker.mark_saved(t)
-        return t
+def _check_measure_args(step: Any, model: Any, optimizer: Any, warmup: int, repeats: int) -> None:
+    if not callable(step):
+        raise RematError(f"remat.measure: step must be a callable running one training step, got {step!r}")
+    if warmup < 0 or repeats < 0:
+        raise RematError(f"remat.measure: warmup={warmup} and repeats={repeats} must be >= 0")
+    if isinstance(optimizer, str) and model is None:
+        raise RematError(f"remat.measure: optimizer={optimizer!r} needs model=: its parameters size the state")
 
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
-            step()
-    finally:
-        for h in handles:
-            h.remove()
-    cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
 
+class _CudaPeak:
+    """The CUDA allocator's figures around the tracked run (None off CUDA)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self.baseline_bytes: int | None = None
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> _CudaPeak:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_bytes = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+
+
+def _timed(step: Callable[[], Any], model: torch.nn.Module | None, set_to_none: bool, device: str,
+           repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         reset_grads(model, set_to_none)
@@ -338,15 +397,63 @@ def measure(
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return Measurement(
-        peak_bytes=tracker.peak_bytes,
-        baseline_bytes=baseline,
-        breakdown=dict(tracker.peak_breakdown),
-        time_s=statistics.median(times) if times else float("nan"),
-        times_s=tuple(times),
-        device=device,
-        warmup=warmup,
-        set_to_none=set_to_none,
-        cuda_peak_bytes=cuda_peak,
-        cuda_baseline_bytes=cuda_base if cuda else None,
-    )
+    return times
+
+
+class _TrackedRun:
+    """One run of the step under a :class:`MemoryTracker`, with what exists before it declared.
+
+    Note: [Optimizer state in a measurement] State tensors that exist are declared as
+    ``"optimizer"``; state not created yet is reserved as bytes, predicted from the parameters. If the
+    optimizer's ``step()`` creates it during the run, a step pre-hook releases the reservation first, the
+    tracker counts the new tensors as they are allocated, and a step post-hook re-labels them: the live
+    count never holds the same state twice.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, inputs: list[torch.Tensor], optimizer: Any) -> None:
+        from remat.runtime.optimizer import optimizer_state_bytes, state_tensors
+
+        self.tracker = tracker = MemoryTracker()
+        self.model = model
+        self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        if model is not None:
+            tracker.track_model(model)
+        tracker.track(inputs, "other")
+        before = tracker.live_bytes
+        if self.optimizer is not None:
+            tracker.track(state_tensors(self.optimizer), "optimizer")
+        self.predicted_bytes = optimizer_state_bytes(model, optimizer, missing_only=True) if optimizer else 0
+        self._release = tracker.reserve(self.predicted_bytes, "optimizer")
+        self.optimizer_bytes = tracker.live_bytes - before
+        self.baseline_bytes = tracker.live_bytes
+        tracker.reset_peak()
+
+    def _hooks(self) -> list[Any]:
+        tracker = self.tracker
+        handles = []
+        if self.model is not None:
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    handles.append(p.register_post_accumulate_grad_hook(
+                        lambda q: tracker.track(q.grad, "gradients")))
+        opt = self.optimizer
+        if opt is not None and self.predicted_bytes:
+            from remat.runtime.optimizer import state_tensors
+
+            handles.append(opt.register_step_pre_hook(lambda *_: self._release()))
+            handles.append(opt.register_step_post_hook(
+                lambda *_: tracker.track(state_tensors(opt), "optimizer")))
+        return handles
+
+    def run(self, step: Callable[[], Any]) -> None:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.tracker.mark_saved(t)
+            return t
+
+        handles = self._hooks()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.tracker:
+                step()
+        finally:
+            for h in handles:
+                h.remove()
