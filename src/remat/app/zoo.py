@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat.app.catalog import MODELS, ModelSpec, check_request
 from remat.errors import RematError
 
 __all__ = ["MODELS", "Built", "MLPBlock", "build", "linear_stack", "residual_mlp"]
@@ -48,48 +49,22 @@ class Built:
     description: str
 
 
-def _hf(config_cls: str, model_cls: str, cfg: dict[str, Any]) -> Callable[..., nn.Module]:
+def _factory(spec: ModelSpec) -> Callable[[], nn.Module]:
+    if spec.family == "mlp":
+        return lambda: residual_mlp(spec.layers, spec.hidden, spec.mlp_hidden)
+    config_cls, model_cls = spec.classes
+
     def make() -> nn.Module:
         try:
             import transformers
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise RematError("remat: this model needs transformers: pip install 'remat[hf]'") from e
         transformers.logging.set_verbosity_error()
-        config = getattr(transformers, config_cls)(**cfg)
+        config = getattr(transformers, config_cls)(**spec.config)
         config._attn_implementation = "sdpa"
         return getattr(transformers, model_cls)(config)
 
     return make
-
-
-# name -> (factory, vocab size or None for the MLP, description)
-MODELS: dict[str, tuple[Callable[..., nn.Module], int | None, str]] = {
-    "gpt2": (_hf("GPT2Config", "GPT2LMHeadModel", dict(n_layer=12, n_embd=768, n_head=12, n_positions=4096)),
-             50257, "GPT-2 small: 12 layers, hidden 768, vocab 50257"),
-    "gpt2-medium": (_hf("GPT2Config", "GPT2LMHeadModel", dict(n_layer=24, n_embd=1024, n_head=16, n_positions=4096)),
-                    50257, "GPT-2 medium: 24 layers, hidden 1024"),
-    "gpt2-tiny": (_hf("GPT2Config", "GPT2LMHeadModel", dict(n_layer=8, n_embd=256, n_head=4, n_positions=1024,
-                                                             vocab_size=8192)),
-                  8192, "GPT-2-style, 8 layers, hidden 256, vocab 8192 (demo size)"),
-    "llama-7b": (_hf("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=11008,
-                                                             num_hidden_layers=32, num_attention_heads=32,
-                                                             num_key_value_heads=32, vocab_size=32000,
-                                                             max_position_embeddings=4096)),
-                 32000, "Llama-2-7B shape: 32 layers, hidden 4096, MLP 11008, vocab 32000"),
-    "llama-13b": (_hf("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=5120, intermediate_size=13824,
-                                                              num_hidden_layers=40, num_attention_heads=40,
-                                                              num_key_value_heads=40, vocab_size=32000,
-                                                              max_position_embeddings=4096)),
-                  32000, "Llama-2-13B shape: 40 layers, hidden 5120, MLP 13824"),
-    "llama-tiny": (_hf("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=256, intermediate_size=688,
-                                                               num_hidden_layers=6, num_attention_heads=4,
-                                                               num_key_value_heads=2, vocab_size=8192,
-                                                               max_position_embeddings=1024)),
-                   8192, "Llama-style, 6 layers, hidden 256, GQA 4/2 heads"),
-    "bert-base": (_hf("BertConfig", "BertForMaskedLM", dict(max_position_embeddings=4096)), 30522,
-                  "BERT base: 12 layers, hidden 768 (masked-LM loss)"),
-    "mlp": (lambda: residual_mlp(16, 1024, 4096), None, "residual MLP: 16 blocks, width 1024, hidden 4096"),
-}
 
 
 def build(name: str, *, batch: int = 8, seq: int = 512, dtype: str | torch.dtype = "float32",
@@ -98,24 +73,22 @@ def build(name: str, *, batch: int = 8, seq: int = 512, dtype: str | torch.dtype
 
     Language models get ``input_ids`` of shape ``(batch, seq)`` and the same ids as labels; the MLP
     gets ``batch * seq`` rows of width 1024 and a mean-square loss.
+
+    Raises:
+        RematError: the request is one the model cannot serve (see :func:`remat.app.catalog.check_request`).
     """
-    if name not in MODELS:
-        raise RematError(f"remat: unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    if batch < 1 or seq < 1:
-        raise RematError(f"remat: batch={batch} and seq={seq} must be positive")
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise RematError(f"remat: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    factory, vocab, description = MODELS[name]
+    dtype_name = str(dtype).removeprefix("torch.")
+    spec = check_request(name, batch=batch, seq=seq, dtype=dtype_name)
+    torch_dtype = getattr(torch, dtype_name)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = factory().to(torch_dtype)
+        model = _factory(spec)().to(torch_dtype)
         model.train()
-        if vocab is None:
-            x = torch.randn(batch * seq, 1024, dtype=torch_dtype)
-            return Built(name, model, x, lambda out: out.float().pow(2).mean(), description)
-        ids = torch.randint(0, vocab, (batch, seq))
+        if spec.vocab is None:
+            x = torch.randn(batch * seq, spec.hidden, dtype=torch_dtype)
+            return Built(name, model, x, lambda out: out.float().pow(2).mean(), spec.description)
+        ids = torch.randint(0, spec.vocab, (batch, seq))
     inputs: dict[str, Any] = {"input_ids": ids, "labels": ids}
     if "bert" not in name:
         inputs["use_cache"] = False
-    return Built(name, model, inputs, None, description)
+    return Built(name, model, inputs, None, spec.description)
