@@ -110,7 +110,13 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None) -> tuple[list[tu
                 ) from None
         return out, "explicit"
     if isinstance(model, nn.Sequential):
-        return _flatten_sequential(model, ""), "sequential"
+        # A child that works in place on its input (ReLU(inplace=True)) cannot be a checkpointed stage of
+        # its own: it becomes glue after the stage before it (see Note [Glue] in the profiler).
+        chain = [(n, m) for n, m in _flatten_sequential(model, "") if not getattr(m, "inplace", False)]
+        if not chain:
+            raise ProfileError(f"remat.profile: every child of this {type(model).__name__} works in place; there is"
+                               " no stage to checkpoint")
+        return chain, "sequential"
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) >= 2:

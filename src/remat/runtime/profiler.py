@@ -130,6 +130,7 @@ class _Timeline:
         # Glue (code between blocks k-1 and k): whether block k-1's input and output storages were
         # freed by the time block k starts, and the bytes of block k-1's output.
         self._in_ref: list[Any] = [None] * len(blocks)
+        self._in_version: list[Any] = [None] * len(blocks)
         self._out_ref: list[Any] = [None] * len(blocks)
         self.out_bytes: list[int] = [0] * len(blocks)
         self.in_freed_by_glue: list[bool] = [False] * len(blocks)
@@ -199,10 +200,19 @@ class _Timeline:
                 self.in_freed_by_glue[k - 1] = _dead(self._in_ref[k - 1])
                 self.out_freed_by_glue[k - 1] = _dead(self._out_ref[k - 1])
             self._in_ref[k] = _ref(carry.untyped_storage())
+            self._in_version[k] = (weakref.ref(carry), carry._version)
             self.shapes[k] = tuple(carry.shape)
             extras = extras_of(args, kwargs, key)
             prev = self._prev_ids
             handed = prev is not None and (id(carry) == prev[0] if prev[2] else id(carry) == prev[1])
+            if k > 0 and (k - 1) not in self._ran:
+                raise ProfileError(
+                    f"remat.profile: stage {k - 1} ({type(self.blocks[k - 1]).__name__}) did not run before stage {k}"
+                    f" ({type(module).__name__}) in the profiled step (a block"
+                    " skipped at run time, e.g. LayerDrop, or a conditional branch). Profile with every block"
+                    " running (e.g. config.layerdrop=0 while profiling): the profile then sees the random draw"
+                    " between blocks and plans them in separate regions, which a skipped block does not break."
+                )
             self.joins[k] = k > 0 and handed and same_extras(extras, self._extras[k - 1])
             self._extras[k] = extras
             if carry.requires_grad and torch.is_grad_enabled():
@@ -215,6 +225,14 @@ class _Timeline:
             if k in self._done:
                 return
             self._done.add(k)
+            if self._in_version[k] is not None and self._in_version[k][0]() is not None:
+                carry_ref, version = self._in_version[k]
+                if carry_ref()._version != version:
+                    raise ProfileError(
+                        f"remat.profile: stage {k} ({type(module).__name__}) modifies its input in place, so it"
+                        " cannot be checkpointed on its own; leave it out of stages=[...] (it then runs as code"
+                        " between the stages around it), or make it not in place"
+                    )
             self.mark("post", k)
             self.window = ("after", k)
             c = carry_of(out)
@@ -468,22 +486,24 @@ def profile(
 
 #: How far above the measured peak the predicted no-checkpointing peak may be (see _check_accounting).
 ACCOUNTING_TOLERANCE = 0.03
-#: Bytes the chain model may miss (counted as live through the whole step), as a share of the peak.
+#: Bytes the chain model may miss (counted as live through the whole step): this share of the peak, or
+#: this many bytes on a small model (a scalar loss, a seed gradient, a boolean mask).
 UNATTRIBUTED_TOLERANCE = 0.01
+UNATTRIBUTED_FLOOR_BYTES = 4096
 
 
 def _check_accounting(prof: Profile) -> Profile:
     """Note: [Every byte accounted] The profile measured the true peak of the step it profiled; the
     chain model, run with nothing checkpointed, must predict at least that peak (else a plan could
     exceed its budget) and at most 3% more (else plans waste budget). A few bytes the model cannot place
-    in a stage (at most 1% of the peak: a scalar loss, a seed gradient) are counted as live through the
-    whole step, which is safe for every plan; more than that is refused."""
+    in a stage (at most 1% of the peak, or 4 KiB: a scalar loss, a seed gradient) are counted as live
+    through the whole step, which is safe for every plan; more than that is refused."""
     measured = int(prof.meta.get("measured_peak_bytes", 0))
     if measured <= 0:
         return prof
     predicted = simulate(prof, tuple(Record(k) for k in range(len(prof.stages)))).peak_bytes
     missing = measured - predicted
-    if 0 < missing <= measured * UNATTRIBUTED_TOLERANCE:
+    if 0 < missing <= max(measured * UNATTRIBUTED_TOLERANCE, UNATTRIBUTED_FLOOR_BYTES):
         meta = {**prof.meta, "unattributed_bytes": missing}
         return dataclasses.replace(prof, head_residual_bytes=prof.head_residual_bytes + missing, meta=meta)
     if missing > 0 or predicted > measured * (1 + ACCOUNTING_TOLERANCE):
@@ -645,9 +665,8 @@ def _with_glue(stages: list[Stage], full: _Timeline, ev: dict[tuple[str, int], t
         x_in = full.x_bytes[k] or 0
         freed_in = x_in if full.in_freed_by_glue[k] else 0
         freed_out = full.out_bytes[k] if full.out_freed_by_glue[k] else 0
-        out.append(dataclasses.replace(block, input_freed_bytes=freed_in, output_released_bytes=0))
         ng = ev_ng.get(("pre", k + 1))
-        out.append(Stage(
+        glue = Stage(
             name=f"{GLUE}{names[k]}",
             x_bytes=full.out_bytes[k],
             xbar_bytes=max(0, pre.live - post.live + freed_in + freed_out),
@@ -661,7 +680,12 @@ def _with_glue(stages: list[Stage], full: _Timeline, ev: dict[tuple[str, int], t
             joins_previous=False,
             fwd_flops=pre.flops,
             input_freed_bytes=min(freed_out, full.out_bytes[k]),
-        ))
+        )
+        # The glue's record is still live when the window holding both backwards starts: the chain model
+        # frees it at the glue's own backward, so the block's backward peak carries it.
+        out.append(dataclasses.replace(block, input_freed_bytes=freed_in, output_released_bytes=0,
+                                       bwd_transient_bytes=block.bwd_transient_bytes + glue.xbar_bytes))
+        out.append(glue)
     out.append(stages[-1])
     for i in range(1, len(out)):  # a block after glue never shares a region with the block before
         if out[i - 1].kind == "glue" and out[i].joins_previous:
