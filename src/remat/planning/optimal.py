@@ -2,16 +2,33 @@
 
 After Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova (2019), "Optimal checkpointing for
 heterogeneous chains" — the recurrence is restated in docs/cost-model.md with the memory terms used by
-:mod:`remat.simulate`, so that the DP value equals the simulated time of the plan it returns.
+:mod:`remat.planning.simulate`, so that the DP value equals the simulated time of the plan it returns.
+
+``cost[pinned, i, l, m]`` is the least time to process stages ``i … l`` (forward, then backward) within
+``m`` memory slots, the range's input ``x_i`` held outside them — *pinned* (by the caller, or by a
+checkpoint region) when ``pinned == PINNED``, *loose* (the output of a recorded stage, which the next
+stage may free) when ``pinned == LOOSE`` — and the gradient ``y_{l+1}`` (``x_{l+1}`` slots) counted in::
+
+    record:  cost[p, i, l, m] = uf_i + ub_i + cost[LOOSE, i+1, l, m - keep[p, i]]
+                 if m >= max(x_{l+1} + xbar_i + of_i,  x_i + x_{i+1} + keep[p, i] + ob_i + margin_i,  keep[p, i])
+                 (i == l: uf_i + ub_i, under the same condition)
+    region:  cost[p, i, l, m] = Σ_{k=i}^{j-1} region_s_k + cost[LOOSE, j, l, m - x_j]
+                                + cost[PINNED, i, j-1, m - hold_{j-1}]
+                 for j in i+1 … min(l, region_end[i]),  if m >= max(x_{l+1} + sweep[i, j],  x_j)
+    cost[p, i, l, m] = the smaller of the two;  answer: cost[PINNED, 0, L, S]
+
+``keep[p, i]`` is what ``Record(i)`` holds while the rest of the range runs: ``xbar_i``, less the input it
+frees when the input is loose; ``sweep[i, j]`` the peak of the region's unrecorded first pass;
+``region_end[i]`` how far a region starting at ``i`` may reach (checkpointable stages that join).
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
 :attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to
 whole slots, so a plan the DP calls feasible never exceeds the real budget. One refinement of the
-simulator is taken on the safe side: a stage's backward is charged ``max(0, recompute_bwd_extra -
-output_released)`` whether it runs in the first pass or inside a recomputation, so the DP may call a plan
-infeasible that the simulator, which decides, lets through (the ``optimal`` strategy also simulates the
-baselines and the smallest-peak plan). Time is O(L^3 * slots), vectorised over the slot axis and the
-split point.
+simulator is taken on the safe side: a stage's backward is charged ``margin_i = max(0,
+recompute_bwd_extra - output_released)`` whether it runs in the first pass or inside a recomputation, so
+the DP may call a plan infeasible that the simulator, which decides, lets through (the ``optimal``
+strategy also simulates the baselines and the smallest-peak plan). Time is O(L^3 * slots), vectorised
+over the slot axis and the split point ``j``.
 """
 
 from __future__ import annotations
@@ -24,148 +41,225 @@ import numpy.typing as npt
 from remat.planning.plan import Item, Record, Region
 from remat.planning.profile import Profile
 
+__all__ = ["LOOSE", "PINNED", "RECORD", "Table", "solve_table"]
+
 INF = float("inf")
+PINNED, LOOSE = 0, 1  # the first index of cost and decision: is the range's input held by the caller?
 RECORD = -1  # decision code: record stage i; 0 = infeasible; j > 0 = checkpoint region i..j-1
+
+Ints = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float32]
 
 
 @dataclass
 class Table:
-    """The solved DP: cost ``C[f, i, l, m]`` and decision ``D[f, i, l, m]`` for every range and slot
-    count, ``f = 0`` when the range's input is pinned (held by the caller), ``f = 1`` when loose."""
+    """The solved DP: ``cost[pinned, i, l, m]`` and ``decision[pinned, i, l, m]`` for every range ``i … l``
+    and slot count ``m`` (see the module docstring)."""
 
-    cost: npt.NDArray[np.float32]
+    cost: Floats
     decision: npt.NDArray[np.int32]
     delta: int
     slots: int
-    x: npt.NDArray[np.int64]
-    keep: npt.NDArray[np.int64]  # keep[f, i]: slots a record of stage i holds for the rest of the range
+    x: Ints
+    keep: Ints  # keep[pinned, i]: slots a record of stage i holds for the rest of the range
     width: int = 0  # the table's last slot index (>= slots when records can free more than they keep)
     # hold[l]: slots live while a region ending at l recomputes
-    hold: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    hold: Ints = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def feasible_slots(self) -> npt.NDArray[np.int64]:
+    def feasible_slots(self) -> Ints:
         """Slot counts at which the whole chain is feasible."""
         n = self.cost.shape[1]
-        return np.nonzero(np.isfinite(self.cost[0, 0, n - 1, : self.slots + 1]))[0]
+        return np.nonzero(np.isfinite(self.cost[PINNED, 0, n - 1, : self.slots + 1]))[0]
 
     def items(self, m: int) -> tuple[Item, ...]:
         """The plan for the whole chain within ``m`` slots."""
         n = self.cost.shape[1]
-        return self._items(0, 0, n - 1, m)
+        return self._items(PINNED, 0, n - 1, m)
 
-    def _items(self, f: int, i: int, l: int, m: int) -> tuple[Item, ...]:
+    def _items(self, pinned: int, i: int, l: int, m: int) -> tuple[Item, ...]:
         out: list[Item] = []
         while True:
-            d = int(self.decision[f, i, l, m])
-            if d == 0:
+            choice = int(self.decision[pinned, i, l, m])
+            if choice == 0:
                 raise AssertionError(f"no feasible decision for stages {i}..{l} in {m} slots")
-            if d == RECORD:
+            if choice == RECORD:
                 out.append(Record(i))
                 if i == l:
                     return tuple(out)
-                m = min(self.width, m - int(self.keep[f, i]))
+                m = min(self.width, m - int(self.keep[pinned, i]))
                 i += 1
-            else:
-                out.append(Region(i, d, self._items(0, i, d - 1, m - int(self.hold[d - 1]))))
-                m -= int(self.x[d])
-                i = d
-            f = 1
+            else:  # a region i..j-1, then the rest from j
+                j = choice
+                out.append(Region(i, j, self._items(PINNED, i, j - 1, m - int(self.hold[j - 1]))))
+                m -= int(self.x[j])
+                i = j
+            pinned = LOOSE
 
 
-def _slots(values: list[int], delta: int, up: bool = True) -> npt.NDArray[np.int64]:
-    if up:
-        return np.array([-(-v // delta) for v in values], dtype=np.int64)
+@dataclass(frozen=True)
+class _Chain:
+    """The chain's sizes in whole slots (rounded up; bytes that are freed or released rounded down)."""
+
+    x: Ints  # x[i]: input of stage i; x[n] = 0, nothing after the head
+    xbar: Ints
+    keep: Ints  # keep[pinned, i]
+    margin: Ints  # what a backward may need beyond the chain model, on the safe side (module docstring)
+    hold: Ints
+    of: Ints
+    ob: Ints
+    step_s: Floats  # uf_i + ub_i
+    region_s_before: npt.NDArray[np.float64]  # Σ_{k<i} region_s_k: what regions add, per stage
+    region_end: Ints  # regions starting at i may end before any j <= region_end[i]
+    sweep: Ints  # sweep[i, j]: peak above held x_i of an unrecorded pass over i..j-1
+
+
+def _up(values: list[int], delta: int) -> Ints:
+    return np.array([-(-v // delta) for v in values], dtype=np.int64)
+
+
+def _down(values: list[int], delta: int) -> Ints:
     return np.array([v // delta for v in values], dtype=np.int64)
 
 
-def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Table:
-    """Solve the DP for a chain whose activations (all but :attr:`Profile.base_bytes`) get
-    ``activation_bytes``."""
-    if activation_bytes < 0:
-        raise ValueError("activation_bytes must be >= 0")
+def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
     st = profile.stages
-    n = len(st)
-    delta = max(1, activation_bytes // max(1, slots))
-    S = activation_bytes // delta
-    x = _slots([s.x_bytes for s in st] + [0], delta)  # x[n] = 0: nothing after the head
-    kb = _slots([s.xbar_bytes for s in st], delta)
-    freed = _slots([s.input_freed_bytes for s in st], delta, up=False)  # rounded down: conservative
-    keep = np.stack([kb, kb - freed])  # keep[f, i]
+    x = _up([s.x_bytes for s in st] + [0], delta)
+    xbar = _up([s.xbar_bytes for s in st], delta)
+    freed = _down([s.input_freed_bytes for s in st], delta)
     # The simulator charges -released in the first pass and -released + extra inside recomputation;
     # the DP, which does not track which one it is in, charges the larger: max(0, extra - released).
-    released = _slots([s.output_released_bytes for s in st], delta, up=False)
-    extra = _slots([s.recompute_bwd_extra_bytes for s in st], delta)
-    margin = np.maximum(0, extra - released)
-    hold = _slots([s.recompute_hold_bytes for s in st], delta)  # live while a region ending here recomputes
-    of = _slots([s.fwd_transient_bytes for s in st], delta)
-    ofn = _slots([s.fwd_nograd_transient_bytes for s in st], delta)
-    ob = _slots([s.bwd_transient_bytes for s in st], delta)
+    released = _down([s.output_released_bytes for s in st], delta)
+    extra = _up([s.recompute_bwd_extra_bytes for s in st], delta)
     uf = np.array([s.fwd_s for s in st], dtype=np.float32)
     ub = np.array([s.bwd_s for s in st], dtype=np.float32)
-    cum_uf = np.concatenate([[0.0], np.cumsum([s.region_s for s in st])])  # what regions add, per stage
+    return _Chain(
+        x=x,
+        xbar=xbar,
+        keep=np.stack([xbar, xbar - freed]),
+        margin=np.maximum(0, extra - released),
+        hold=_up([s.recompute_hold_bytes for s in st], delta),
+        of=_up([s.fwd_transient_bytes for s in st], delta),
+        ob=_up([s.bwd_transient_bytes for s in st], delta),
+        step_s=uf + ub,
+        region_s_before=np.concatenate([[0.0], np.cumsum([s.region_s for s in st])]),
+        region_end=region_ends(profile),
+        sweep=_sweeps(x, _up([s.fwd_nograd_transient_bytes for s in st], delta)),
+    )
 
-    # jmax[i]: regions starting at i may end before any j <= jmax[i].
-    jmax = np.arange(n)
+
+def region_ends(profile: Profile) -> Ints:
+    """``end[i]``: a region starting at stage ``i`` may cover stages up to ``end[i] - 1`` (``end[i] == i``:
+    stage ``i`` cannot start one) — checkpointable stages that join the stage before them."""
+    st = profile.stages
+    n = len(st)
+    end = np.arange(n)
     for i in range(n):
         j = i
         while j < n and st[j].checkpointable and (j == i or st[j].joins_previous):
             j += 1
-        jmax[i] = j
-    # sweep[i, j]: peak above held x_i of an unrecorded pass over i..j-1 (in slots).
+        end[i] = j
+    return end
+
+
+def _sweeps(x: Ints, ofn: Ints) -> Ints:
+    """``sweep[i, j]``: peak above the held ``x_i`` of an unrecorded pass over ``i … j-1``."""
+    n = len(ofn)
     sweep = np.zeros((n, n + 1), dtype=np.int64)
     for i in range(n):
         best = 0
         for k in range(i, n):
             best = max(best, (x[k] if k > i else 0) + x[k + 1] + ofn[k])
             sweep[i, k + 1] = best
+    return sweep
 
+
+def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Table:
+    """Solve the DP for a chain whose activations (all but :attr:`Profile.base_bytes`) get
+    ``activation_bytes``, in ``slots`` slots (the table is wider when records free more than they keep)."""
+    if activation_bytes < 0:
+        raise ValueError("activation_bytes must be >= 0")
+    n = len(profile.stages)
+    delta = max(1, activation_bytes // max(1, slots))
+    budget = activation_bytes // delta
+    chain = _chain_in_slots(profile, delta)
     # A record may hold fewer bytes than the input it frees (negative keep): the rest of the range then
     # has more room than the range itself, so the table extends past the budget by the total of such
-    # gains (capped at S). The answer is still read at slot count S.
-    top = S
-    S = S + min(S, int(np.maximum(0, -keep[1]).sum()))
-    ms = np.arange(S + 1)
-    # below[t] is INF on slots m < t and 0 from t on: adding below[thr] masks infeasible slot counts.
-    below = np.where(ms[None, :] < np.arange(S + 2)[:, None], INF, 0.0).astype(np.float32)
-    cost = np.full((2, n, n, S + 1), INF, dtype=np.float32)
-    shifted = np.full((n, n, S + 1), INF, dtype=np.float32)  # shifted[l, j, m] = cost[1, j, l, m - x[j]]
-    body = np.full((n, n, S + 1), INF, dtype=np.float32)  # body[i, l, m] = cost[0, i, l, m - hold[l]]
-    decision = np.zeros((2, n, n, S + 1), dtype=np.int32)
+    # gains (capped at the budget). The answer is still read at slot count ``budget``.
+    width = budget + min(budget, int(np.maximum(0, -chain.keep[LOOSE]).sum()))
+    dp = _Solver(chain, n, width)
     for l in range(n):
         for i in range(l, -1, -1):
-            # Checkpoint regions i..j-1 (the same whether x_i is pinned or loose: the region holds it).
-            region = np.full(S + 1, INF, dtype=np.float32)
-            region_dec = np.zeros(S + 1, dtype=np.int32)
-            jhi = min(l, int(jmax[i]))
-            if jhi >= i + 1:
-                js = np.arange(i + 1, jhi + 1)
-                block = shifted[l, i + 1 : jhi + 1] + body[i, i:jhi]
-                block += (cum_uf[js] - cum_uf[i])[:, None]
-                thr = np.minimum(S + 1, np.maximum(x[l + 1] + sweep[i, js], x[js]))
-                block += below[thr]
-                arg = np.argmin(block, axis=0)
-                region = np.take_along_axis(block, arg[None, :], axis=0)[0]
-                region_dec = np.where(np.isfinite(region), js[arg], 0).astype(np.int32)
-            for f in (0, 1):
-                k = int(keep[f, i])
-                rec_req = max(x[l + 1] + kb[i] + of[i], x[i] + x[i + 1] + k + ob[i] + margin[i], k, 0)
-                rec = np.full(S + 1, INF, dtype=np.float32)
-                if rec_req <= S:
-                    if i == l:
-                        rec[rec_req:] = uf[i] + ub[i]
-                    else:  # rec[m] = cost of the rest at min(S, m - k) slots
-                        lo = rec_req - k
-                        if lo <= S:
-                            rec[rec_req : S + 1 - max(0, -k)] = cost[1, i + 1, l, lo : S + 1 - max(0, k)]
-                        rec[max(rec_req, S + 1 + min(0, k)) :] = cost[1, i + 1, l, S]
-                        rec[rec_req:] += uf[i] + ub[i]
-                better = region < rec
-                cost[f, i, l] = np.where(better, region, rec)
-                decision[f, i, l] = np.where(better, region_dec, np.where(np.isfinite(rec), RECORD, 0))
-            xi = int(x[i])
-            if xi <= S:
-                shifted[l, i, xi:] = cost[1, i, l, : S + 1 - xi]
-            h = int(hold[l])
-            if h <= S:
-                body[i, l, h:] = cost[0, i, l, : S + 1 - h]
-    return Table(cost=cost, decision=decision, delta=delta, slots=top, x=x, keep=keep, width=S, hold=hold)
+            dp.solve_range(i, l)
+    return Table(cost=dp.cost, decision=dp.decision, delta=delta, slots=budget, x=chain.x, keep=chain.keep,
+                 width=width, hold=chain.hold)
+
+
+class _Solver:
+    """The tables of the DP, filled range by range: ranges ending at ``l`` after every range ending
+    before ``l``, and for a given ``l`` from ``i = l`` down, so that each range finds what it needs."""
+
+    def __init__(self, chain: _Chain, n: int, width: int) -> None:
+        self.chain, self.width = chain, width
+        shape = (n, n, width + 1)
+        self.cost: Floats = np.full((2, *shape), INF, dtype=np.float32)
+        self.decision = np.zeros((2, *shape), dtype=np.int32)
+        # rest_after_region[l, j, m] = cost[LOOSE, j, l, m - x_j]: the rest j..l beside a region's output x_j
+        self.rest_after_region: Floats = np.full(shape, INF, dtype=np.float32)
+        # recompute[i, l, m] = cost[PINNED, i, l, m - hold_l]: a region's body, beside what its end holds
+        self.recompute: Floats = np.full(shape, INF, dtype=np.float32)
+        # below[t, m] is INF for m < t, 0 from t on: adding below[threshold] masks too-small slot counts
+        ms = np.arange(width + 1)
+        self.below: Floats = np.where(ms[None, :] < np.arange(width + 2)[:, None], INF, 0.0).astype(np.float32)
+
+    def solve_range(self, i: int, l: int) -> None:
+        """Fill ``cost[:, i, l]`` and ``decision[:, i, l]``; then the shifted copies later ranges read."""
+        region, region_choice = self._best_region(i, l)
+        for pinned in (PINNED, LOOSE):
+            record = self._record(pinned, i, l)
+            better = region < record
+            self.cost[pinned, i, l] = np.where(better, region, record)
+            self.decision[pinned, i, l] = np.where(better, region_choice, np.where(np.isfinite(record), RECORD, 0))
+        top = self.width
+        x_i, hold_l = int(self.chain.x[i]), int(self.chain.hold[l])
+        if x_i <= top:
+            self.rest_after_region[l, i, x_i:] = self.cost[LOOSE, i, l, : top + 1 - x_i]
+        if hold_l <= top:
+            self.recompute[i, l, hold_l:] = self.cost[PINNED, i, l, : top + 1 - hold_l]
+
+    def _best_region(self, i: int, l: int) -> tuple[Floats, npt.NDArray[np.int32]]:
+        """Per slot count, the cheapest region ``i … j-1`` followed by ``j … l``, and its ``j`` (0: none).
+        The same whether ``x_i`` is pinned or loose: the region holds it."""
+        c, top = self.chain, self.width
+        region = np.full(top + 1, INF, dtype=np.float32)
+        choice = np.zeros(top + 1, dtype=np.int32)
+        j_last = min(l, int(c.region_end[i]))
+        if j_last < i + 1:
+            return region, choice
+        js = np.arange(i + 1, j_last + 1)
+        options = self.rest_after_region[l, i + 1 : j_last + 1] + self.recompute[i, i:j_last]  # [j, m]
+        options += (c.region_s_before[js] - c.region_s_before[i])[:, None]
+        needs = np.minimum(top + 1, np.maximum(c.x[l + 1] + c.sweep[i, js], c.x[js]))
+        options += self.below[needs]
+        best = np.argmin(options, axis=0)
+        region = np.take_along_axis(options, best[None, :], axis=0)[0]
+        choice = np.where(np.isfinite(region), js[best], 0).astype(np.int32)
+        return region, choice
+
+    def _record(self, pinned: int, i: int, l: int) -> Floats:
+        """Per slot count, the cost of recording stage ``i`` and then processing ``i+1 … l``."""
+        c, top = self.chain, self.width
+        keep = int(c.keep[pinned, i])
+        needs = max(c.x[l + 1] + c.xbar[i] + c.of[i], c.x[i] + c.x[i + 1] + keep + c.ob[i] + c.margin[i], keep, 0)
+        record = np.full(top + 1, INF, dtype=np.float32)
+        if needs > top:
+            return record
+        if i == l:
+            record[needs:] = c.step_s[i]
+            return record
+        # record[m] = cost[LOOSE, i+1, l, min(top, m - keep)] + uf_i + ub_i, for m >= needs
+        rest = self.cost[LOOSE, i + 1, l]
+        if needs - keep <= top:
+            record[needs : top + 1 - max(0, -keep)] = rest[needs - keep : top + 1 - max(0, keep)]
+        record[max(needs, top + 1 + min(0, keep)) :] = rest[top]
+        record[needs:] += c.step_s[i]
+        return record

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from remat.planning.plan import Item, Plan, Prediction, Record, Region
 from remat.planning.profile import Profile
@@ -29,41 +30,65 @@ def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
 
 
 def _seq(profile: Profile, items: Sequence[Item], reserve: int, top: bool = True) -> tuple[float, int]:
-    """(time, peak above the held input) for ``items`` whose first input is pinned, with ``reserve``
+    """(time, peak above the held input) of ``items``, whose first input is pinned, with ``reserve``
     bytes of incoming gradient; ``top`` for the first pass, False inside a region's recomputation.
+
+    Walks the items from the last to the first: the peak of a suffix is needed to know the peak of the
+    item before it, which holds its own record (or its region's output) while the suffix runs.
+    """
+    time_rest, peak_rest = 0.0, 0
+    for pos in range(len(items) - 1, -1, -1):
+        item = items[pos]
+        if isinstance(item, Record):
+            step = _record(profile, item.stage, reserve, pinned=pos == 0, top=top)
+        elif isinstance(item, Region):
+            step = _region(profile, item, reserve)
+        else:
+            raise TypeError(f"simulate: unknown plan item {item!r}")
+        time_rest = step.time_s + time_rest + step.time_after_s
+        peak_rest = max(step.peak, step.held + peak_rest)
+    return time_rest, peak_rest
+
+
+class _Step(NamedTuple):
+    """One item's figures: its time before and after the items that follow it (a region's recomputation
+    runs after their backward), its own peak above the held input, and what it holds while the items
+    after it run (their peak adds to it)."""
+
+    time_s: float
+    peak: int
+    held: int
+    time_after_s: float = 0.0
+
+
+def _record(profile: Profile, i: int, reserve: int, *, pinned: bool, top: bool) -> _Step:
+    """``Record(i)``: the recording forward, then (after the rest) its backward.
 
     Note: [Outputs at backward] A stage that does not save its own output no longer holds it when its
     backward runs (``output_released_bytes``). Inside a recomputed region a stage's backward may need
     more than in the first pass (measured on GPT-2 blocks: the recomputation's last tensors are still
     live); the profile measures that per stage (``recompute_bwd_extra_bytes``) and it is charged there.
-
-    Walks the items from the last to the first: the peak of a suffix is needed to know the peak
-    of the item before it, which holds its own record while the suffix runs.
     """
+    s = profile.stages[i]
+    keep = s.xbar_bytes - (0 if pinned else s.input_freed_bytes)  # a loose input the stage does not save is freed
+    forward = reserve + s.xbar_bytes + s.fwd_transient_bytes
+    extra = 0 if top else s.recompute_bwd_extra_bytes
+    backward = (s.x_bytes + profile.output_bytes(i) + keep - s.output_released_bytes + extra
+                + s.bwd_transient_bytes)
+    return _Step(s.fwd_s + s.bwd_s, max(forward, backward), keep)
+
+
+def _region(profile: Profile, item: Region, reserve: int) -> _Step:
+    """``Region(i, j, body)``: an unrecorded sweep over ``i … j-1`` keeping ``x_j``; after the rest, the
+    body recomputes from ``x_i`` with the gradient ``y_j`` (``x_j`` bytes) as its reserve."""
+    i, j = item.start, item.stop
     st = profile.stages
-    t_rest, p_rest = 0.0, 0
-    for pos in range(len(items) - 1, -1, -1):
-        item = items[pos]
-        if isinstance(item, Record):
-            i = item.stage
-            s = st[i]
-            freed = s.input_freed_bytes if pos > 0 else 0
-            keep = s.xbar_bytes - freed
-            fwd = reserve + s.xbar_bytes + s.fwd_transient_bytes
-            extra = 0 if top else s.recompute_bwd_extra_bytes
-            bwd = s.x_bytes + profile.output_bytes(i) + keep - s.output_released_bytes + extra + s.bwd_transient_bytes
-            t_rest, p_rest = s.fwd_s + s.bwd_s + t_rest, max(fwd, bwd, keep + p_rest)
-        elif isinstance(item, Region):
-            i, j = item.start, item.stop
-            sweep = reserve + sweep_bytes(profile, i, j)
-            x_j = profile.output_bytes(j - 1)
-            t_body, p_body = _seq(profile, item.body, x_j, False)
-            p_body += st[j - 1].recompute_hold_bytes
-            t_sweep = sum(st[k].region_s for k in range(i, j))
-            t_rest, p_rest = t_sweep + t_rest + t_body, max(sweep, x_j + p_rest, p_body)
-        else:
-            raise TypeError(f"simulate: unknown plan item {item!r}")
-    return t_rest, p_rest
+    sweep = reserve + sweep_bytes(profile, i, j)
+    x_j = profile.output_bytes(j - 1)
+    time_body, peak_body = _seq(profile, item.body, x_j, False)
+    peak_body += st[j - 1].recompute_hold_bytes
+    time_sweep = sum(st[k].region_s for k in range(i, j))
+    return _Step(time_sweep, max(sweep, peak_body), x_j, time_body)
 
 
 def _forwards(items: Sequence[Item], counts: list[int]) -> None:
