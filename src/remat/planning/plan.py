@@ -11,6 +11,9 @@ A plan is a sequence of items over the chain's stages ``0 … L``, in order:
 
 More actions (offloading a record to host memory, another way to run a stage) become more item types;
 the simulator and the executor dispatch on the type.
+
+Plans are checked in one place, :meth:`Plan.validate`, which the planners call on every plan they make,
+:meth:`Plan.from_json` calls on every plan it reads, and :func:`remat.apply` calls before running one.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from remat.errors import PlanError
+from remat.planning.profile import STAGE_KINDS, frozen
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["Item", "Plan", "Prediction", "Record", "Region", "validate_items"]
+__all__ = ["PLAN_FORMAT", "Item", "Plan", "Prediction", "Record", "Region", "validate_items"]
+
+PLAN_FORMAT = "remat.Plan/1"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": "record", "stage": self.stage}
+
+    def describe(self) -> str:
+        return f"record {self.stage}"
 
 
 @dataclass(frozen=True)
@@ -48,52 +57,80 @@ class Region:
     def to_dict(self) -> dict[str, Any]:
         return {"op": "region", "start": self.start, "stop": self.stop, "body": [b.to_dict() for b in self.body]}
 
+    def describe(self) -> str:
+        return f"region {self.start}..{self.stop - 1}"
+
 
 Item = Union[Record, Region]  # noqa: UP007 - a runtime alias, used before 3.10's X | Y in isinstance
 
 
-def item_from_dict(d: dict[str, Any]) -> Item:
-    op = d.get("op")
-    if op == "record":
-        return Record(int(d["stage"]))
-    if op == "region":
-        return Region(int(d["start"]), int(d["stop"]), tuple(item_from_dict(b) for b in d["body"]))
-    raise PlanError(f"Plan.from_json: unknown operation {op!r}; expected 'record' or 'region'")
+def _span(item: Item) -> tuple[int, int]:
+    return (item.stage, item.stage + 1) if isinstance(item, Record) else (item.start, item.stop)
 
 
-def _span(items: Sequence[Item]) -> Iterator[tuple[int, int]]:
-    for it in items:
-        yield (it.stage, it.stage + 1) if isinstance(it, Record) else (it.start, it.stop)
+def _stages(a: int, b: int) -> str:
+    return f"stage {a}" if b == a + 1 else f"stages {a}..{b - 1}"
 
 
 def validate_items(items: Sequence[Item], start: int, stop: int, checkpointable: Sequence[bool],
-                   joins_previous: Sequence[bool] | None = None) -> None:
-    """Check that ``items`` cover stages ``start … stop-1`` in order, regions only where allowed.
+                   joins_previous: Sequence[bool] | None = None, *, where: str = "plan") -> None:
+    """Check that ``items`` cover stages ``start … stop-1`` once each, in order, regions only where allowed.
+
+    ``checkpointable[k]``: whether stage ``k`` may be inside a region; ``joins_previous[k]``: whether it
+    may share a region with stage ``k-1``.
 
     Raises:
-        PlanError: naming the first offending item.
+        PlanError: naming the first offending item, e.g. ``plan item 3 (region 2..5) overlaps region 1..3``.
     """
-    pos = start
-    if not items:
-        raise PlanError(f"plan: no items for stages {start}..{stop - 1}")
-    for it, (a, b) in zip(items, _span(items)):
-        if a != pos:
-            raise PlanError(f"plan: item {it!r} starts at stage {a}, expected stage {pos}")
+    if not isinstance(items, (tuple, list)) or not items:
+        raise PlanError(f"{where}: no items for {_stages(start, stop)}")
+    pos, prev = start, ""
+    for k, it in enumerate(items):
+        label = f"{where} item {k}"
+        if not isinstance(it, (Record, Region)):
+            raise PlanError(f"{label}: {it!r} is not a remat.Record or remat.Region")
+        _check_ints(it, label)
+        label = f"{label} ({it.describe()})"
+        a, b = _span(it)
+        if a < start or b > stop:
+            outside = "the plan's" if where == "plan" else "its region's"
+            raise PlanError(f"{label} is outside {outside} {_stages(start, stop)}")
+        if a < pos:
+            raise PlanError(f"{label} overlaps {prev}")
+        if a > pos:
+            raise PlanError(f"{label} starts at stage {a}: {_stages(pos, a)} missing")
         if isinstance(it, Region):
-            if not b > a:
-                raise PlanError(f"plan: region {a}..{b - 1} is empty")
-            for k in range(a, b):
-                if not checkpointable[k]:
-                    raise PlanError(f"plan: region {a}..{b - 1} contains stage {k}, which cannot be checkpointed")
-                if joins_previous is not None and k > a and not joins_previous[k]:
-                    raise PlanError(
-                        f"plan: region {a}..{b - 1} spans stages {k - 1} and {k}, which receive different extra"
-                        " arguments and cannot share a region"
-                    )
-            validate_items(it.body, a, b, checkpointable, joins_previous)
-        pos = b
+            _check_region(it, label, checkpointable, joins_previous)
+        pos, prev = b, it.describe()
     if pos != stop:
-        raise PlanError(f"plan: items end at stage {pos - 1}, expected them to cover up to stage {stop - 1}")
+        raise PlanError(f"{where}: items end at stage {pos - 1}; {_stages(pos, stop)} missing")
+
+
+def _check_ints(it: Item, label: str) -> None:
+    values = {"stage": it.stage} if isinstance(it, Record) else {"start": it.start, "stop": it.stop}
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise PlanError(f"{label}: {key}={v!r} must be an int")
+    if isinstance(it, Region) and not isinstance(it.body, tuple):
+        raise PlanError(f"{label}: body={it.body!r} must be a tuple of items")
+
+
+def _check_region(it: Region, label: str, checkpointable: Sequence[bool],
+                  joins_previous: Sequence[bool] | None) -> None:
+    a, b = it.start, it.stop
+    if b <= a:
+        raise PlanError(f"{label} is empty: stop {b} <= start {a}")
+    for k in range(a, b):
+        if not checkpointable[k]:
+            raise PlanError(f"{label} contains stage {k}, which cannot be checkpointed")
+        if joins_previous is not None and k > a and not joins_previous[k]:
+            raise PlanError(
+                f"{label} spans stages {k - 1} and {k}, which receive different extra arguments and cannot"
+                " share a region"
+            )
+    if not it.body:
+        raise PlanError(f"{label} has an empty body")
+    validate_items(it.body, a, b, checkpointable, joins_previous, where=f"{label}, body")
 
 
 @dataclass(frozen=True)
@@ -126,6 +163,22 @@ class Prediction:
         base = self.fwd_s + self.bwd_s
         return self.recompute_s / base if base > 0 else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peak_bytes": self.peak_bytes,
+            "fwd_s": self.fwd_s,
+            "bwd_s": self.bwd_s,
+            "recompute_s": self.recompute_s,
+            "forwards": list(self.forwards),
+            "held_bytes": list(self.held_bytes),
+            "fixed_bytes": self.fixed_bytes,
+        }
+
+
+def legacy_kind(name: str) -> str:
+    """The kind of a stage in a plan saved before plans recorded kinds: from the profiler's names."""
+    return {"<prologue>": "prologue", "<head>": "head"}.get(name, "block")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -139,8 +192,14 @@ class Plan:
         stage_names: names of the profile's stages, for reports.
         fingerprint: the profile's fingerprint; :func:`remat.apply` checks it against the model.
         options: strategy options used (e.g. ``{"segments": 4}``).
-        input_shapes: ``[[shape, dtype], ...]`` of the profiled inputs; :func:`remat.apply` accepts
+        input_shapes: ``((shape, dtype), ...)`` of the profiled inputs; :func:`remat.apply` accepts
             calls whose inputs are these or smaller (empty: no shape check beyond the fingerprint).
+        stage_kinds: per stage, its kind (``"prologue"``, ``"block"``, ``"glue"``, ``"head"``); only blocks
+            are ever inside a region. Left empty, it is inferred from the names as for a plan saved
+            before kinds were recorded: ``<prologue>`` and ``<head>`` by name, every other stage a block.
+
+    Plans are made by :func:`remat.solve` (and :func:`remat.frontier`); :meth:`validate` checks one made
+    or edited by hand.
     """
 
     items: tuple[Item, ...]
@@ -151,6 +210,13 @@ class Plan:
     fingerprint: str = ""
     options: dict[str, Any] = field(default_factory=dict, compare=False)
     input_shapes: tuple[Any, ...] = ()
+    stage_kinds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shapes", frozen(self.input_shapes))
+        if not self.stage_kinds and isinstance(self.stage_names, (tuple, list)):
+            kinds = tuple(legacy_kind(n) if isinstance(n, str) else "block" for n in self.stage_names)
+            object.__setattr__(self, "stage_kinds", kinds)
 
     @property
     def peak_bytes(self) -> int:
@@ -159,6 +225,10 @@ class Plan:
     @property
     def time_s(self) -> float:
         return self.prediction.time_s
+
+    def block_indices(self) -> tuple[int, ...]:
+        """Indices of the stages that are blocks (what :func:`remat.apply` looks up in the model)."""
+        return tuple(i for i, kind in enumerate(self.stage_kinds) if kind == "block")
 
     def regions(self) -> Iterator[Region]:
         """Every region of the plan, outer before inner."""
@@ -180,27 +250,35 @@ class Plan:
                     acts[k] = "recompute"
         return acts
 
+    # ---- checking ------------------------------------------------------------------------------
+    def validate(self) -> Plan:
+        """Check the plan is well-formed; returns it.
+
+        Every stage is covered once, in order; regions are non-empty, nest inside their region and hold
+        only blocks; every field has its type; the prediction has one figure per stage (or none).
+
+        Raises:
+            PlanError: naming the offending item or field.
+        """
+        _check_fields(self)
+        n = len(self.stage_names)
+        blocks = [kind == "block" for kind in self.stage_kinds]
+        validate_items(self.items, 0, n, blocks)
+        return self
+
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        p = self.prediction
         return {
-            "format": "remat.Plan/1",
+            "format": PLAN_FORMAT,
             "strategy": self.strategy,
             "budget_bytes": self.budget_bytes,
             "fingerprint": self.fingerprint,
             "options": self.options,
             "input_shapes": list(self.input_shapes),
             "stage_names": list(self.stage_names),
+            "stage_kinds": list(self.stage_kinds),
             "items": [it.to_dict() for it in self.items],
-            "prediction": {
-                "peak_bytes": p.peak_bytes,
-                "fwd_s": p.fwd_s,
-                "bwd_s": p.bwd_s,
-                "recompute_s": p.recompute_s,
-                "forwards": list(p.forwards),
-                "held_bytes": list(p.held_bytes),
-                "fixed_bytes": p.fixed_bytes,
-            },
+            "prediction": self.prediction.to_dict(),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -208,32 +286,30 @@ class Plan:
         return json.dumps(self.to_dict(), **({"indent": 1} | kwargs))
 
     @classmethod
+    def from_dict(cls, d: Any) -> Plan:
+        """The plan a :meth:`to_dict` made, checked (:meth:`validate`).
+
+        Raises:
+            PlanError: a key missing or unknown, a value of the wrong type, or a malformed schedule;
+                the message names the key or the item.
+        """
+        try:
+            return _plan_from_dict(d).validate()
+        except PlanError as e:
+            raise PlanError(f"Plan.from_json: {str(e).removeprefix('plan: ')}") from None
+
+    @classmethod
     def from_json(cls, text: str) -> Plan:
+        """The plan :meth:`to_json` wrote, checked (:meth:`validate`).
+
+        Raises:
+            PlanError: invalid JSON, or as :meth:`from_dict`.
+        """
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"Plan.from_json: invalid JSON ({e})") from e
-        if d.get("format") != "remat.Plan/1":
-            raise PlanError(f"Plan.from_json: unknown format {d.get('format')!r}; expected 'remat.Plan/1'")
-        p = d["prediction"]
-        return cls(
-            items=tuple(item_from_dict(it) for it in d["items"]),
-            strategy=d["strategy"],
-            budget_bytes=d["budget_bytes"],
-            prediction=Prediction(
-                peak_bytes=p["peak_bytes"],
-                fwd_s=p["fwd_s"],
-                bwd_s=p["bwd_s"],
-                recompute_s=p["recompute_s"],
-                forwards=tuple(p["forwards"]),
-                held_bytes=tuple(p["held_bytes"]),
-                fixed_bytes=p["fixed_bytes"],
-            ),
-            stage_names=tuple(d["stage_names"]),
-            fingerprint=d.get("fingerprint", ""),
-            options=d.get("options", {}),
-            input_shapes=tuple(d.get("input_shapes", ())),
-        )
+        return cls.from_dict(d)
 
     # ---- report --------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -259,3 +335,137 @@ class Plan:
             f"{self.summary()}\nfixed memory {format_bytes(p.fixed_bytes)}; regions: {sum(1 for _ in self.regions())}"
             f"\n{table}"
         )
+
+
+def _check_fields(plan: Plan) -> None:
+    """The plan's fields have their types (a plan built by hand or read from a file may not)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise PlanError(f"plan: {what}")
+
+    need(isinstance(plan.strategy, str), f"strategy={plan.strategy!r} must be a str")
+    b = plan.budget_bytes
+    need(b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 0),
+         f"budget_bytes={b!r} must be None or a non-negative int")
+    need(isinstance(plan.fingerprint, str), f"fingerprint={plan.fingerprint!r} must be a str")
+    need(isinstance(plan.options, dict), f"options={plan.options!r} must be a dict")
+    names, kinds = plan.stage_names, plan.stage_kinds
+    need(isinstance(names, tuple) and len(names) > 0 and all(isinstance(s, str) for s in names),
+         f"stage_names={names!r} must be a non-empty tuple of str")
+    need(isinstance(kinds, tuple) and len(kinds) == len(names),
+         f"stage_kinds has {len(kinds)} entries for {len(names)} stages")
+    for i, kind in enumerate(kinds):
+        need(kind in STAGE_KINDS, f"stage {i} ({names[i]}) has kind {kind!r}; expected one of {STAGE_KINDS}")
+    need(isinstance(plan.items, tuple), f"items must be a tuple, not {type(plan.items).__name__}")
+    p = plan.prediction
+    need(isinstance(p, Prediction), f"prediction={p!r} must be a remat.Prediction")
+    for key in ("forwards", "held_bytes"):
+        count = len(getattr(p, key))
+        need(count in (0, len(names)), f"prediction.{key} has {count} entries for {len(names)} stages")
+
+
+# ---- reading plan files ----------------------------------------------------------------------------
+# Every key is checked for presence and type here, so that a corrupted or hand-edited file gives a
+# PlanError naming the key or the item, never a KeyError or a TypeError from deep inside a planner.
+
+_PLAN_KEYS = ("format", "strategy", "budget_bytes", "stage_names", "items", "prediction")
+_PLAN_OPTIONAL = ("fingerprint", "options", "input_shapes", "stage_kinds")
+_PREDICTION_KEYS = ("peak_bytes", "fwd_s", "bwd_s", "recompute_s", "forwards", "held_bytes", "fixed_bytes")
+_ITEM_KEYS = {"record": ("op", "stage"), "region": ("op", "start", "stop", "body")}
+
+
+def _keys(d: Any, required: Sequence[str], optional: Sequence[str], where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise PlanError(f"{where}: expected a JSON object, got {type(d).__name__} {d!r}")
+    for key in required:
+        if key not in d:
+            raise PlanError(f"{where}: missing key {key!r}")
+    for key in d:
+        if key not in required and key not in optional:
+            raise PlanError(f"{where}: unknown key {key!r}; expected {', '.join(map(repr, (*required, *optional)))}")
+    return d
+
+
+def _int(value: Any, what: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{what}={value!r} must be an int")
+    if minimum is not None and value < minimum:
+        raise PlanError(f"{what}={value!r} must be >= {minimum}")
+    return value
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"{what}={value!r} must be a number of seconds")
+    return float(value)
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise PlanError(f"{what}={value!r} must be a list")
+    return value
+
+
+def _item_from_dict(d: Any, where: str) -> Item:
+    if not isinstance(d, dict):
+        raise PlanError(f"{where}: expected an object like {{'op': 'record', 'stage': 3}}, got {d!r}")
+    op = d.get("op")
+    if op not in _ITEM_KEYS:
+        raise PlanError(f"{where}: unknown operation {op!r}; expected 'record' or 'region'")
+    _keys(d, _ITEM_KEYS[op], (), where)
+    if op == "record":
+        return Record(_int(d["stage"], f"{where}: stage", minimum=0))
+    start = _int(d["start"], f"{where}: start", minimum=0)
+    stop = _int(d["stop"], f"{where}: stop", minimum=0)
+    label = f"{where} (region {start}..{stop - 1}), body"
+    body = tuple(_item_from_dict(b, f"{label} item {k}") for k, b in enumerate(_list(d["body"], f"{where}: body")))
+    return Region(start, stop, body)
+
+
+def _prediction_from_dict(d: Any) -> Prediction:
+    where = "prediction"
+    _keys(d, _PREDICTION_KEYS, (), where)
+    return Prediction(
+        peak_bytes=_int(d["peak_bytes"], f"{where}.peak_bytes", minimum=0),
+        fwd_s=_seconds(d["fwd_s"], f"{where}.fwd_s"),
+        bwd_s=_seconds(d["bwd_s"], f"{where}.bwd_s"),
+        recompute_s=_seconds(d["recompute_s"], f"{where}.recompute_s"),
+        forwards=tuple(_int(v, f"{where}.forwards[{k}]", minimum=0)
+                       for k, v in enumerate(_list(d["forwards"], f"{where}.forwards"))),
+        held_bytes=tuple(_int(v, f"{where}.held_bytes[{k}]")
+                         for k, v in enumerate(_list(d["held_bytes"], f"{where}.held_bytes"))),
+        fixed_bytes=_int(d["fixed_bytes"], f"{where}.fixed_bytes", minimum=0),
+    )
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    for k, v in enumerate(_list(value, what)):
+        if not isinstance(v, str):
+            raise PlanError(f"{what}[{k}]={v!r} must be a str")
+    return tuple(value)
+
+
+def _plan_from_dict(d: Any) -> Plan:
+    if not isinstance(d, dict):
+        raise PlanError(f"expected a JSON object, got {type(d).__name__} {d!r}")
+    if d.get("format") != PLAN_FORMAT:
+        raise PlanError(f"unknown format {d.get('format')!r}; expected {PLAN_FORMAT!r}")
+    _keys(d, _PLAN_KEYS, _PLAN_OPTIONAL, "plan")
+    budget = d["budget_bytes"]
+    options = d.get("options", {})
+    if not isinstance(options, dict):
+        raise PlanError(f"options={options!r} must be an object")
+    for key in ("strategy", "fingerprint"):
+        if not isinstance(d.get(key, ""), str):
+            raise PlanError(f"{key}={d[key]!r} must be a string")
+    return Plan(
+        items=tuple(_item_from_dict(it, f"plan item {k}") for k, it in enumerate(_list(d["items"], "items"))),
+        strategy=d["strategy"],
+        budget_bytes=None if budget is None else _int(budget, "budget_bytes", minimum=0),
+        prediction=_prediction_from_dict(d["prediction"]),
+        stage_names=_strings(d["stage_names"], "stage_names"),
+        fingerprint=d.get("fingerprint", ""),
+        options=options,
+        input_shapes=tuple(_list(d.get("input_shapes", []), "input_shapes")),
+        stage_kinds=_strings(d.get("stage_kinds", []), "stage_kinds"),
+    )

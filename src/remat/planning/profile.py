@@ -16,9 +16,19 @@ from remat.errors import ProfileError
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["Profile", "Stage"]
+__all__ = ["STAGE_KINDS", "Profile", "Stage", "frozen"]
 
-STAGE_KINDS = ("prologue", "block", "head")
+#: What a stage is: what runs before the first block, a block, code the model runs between two blocks
+#: (measured as a stage of its own, never checkpointed), or what runs after the last block (loss included).
+#: Only blocks can be inside a checkpoint region.
+STAGE_KINDS = ("prologue", "block", "glue", "head")
+
+
+def frozen(value: Any) -> Any:
+    """``value`` with every list turned into a tuple, recursively (JSON gives lists; data keeps tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,9 +48,10 @@ class Stage:
         bwd_transient_bytes: peak during backward above the stage's record, the incoming and the
             outgoing gradient. Negative (down to ``-x_bytes``) when the outgoing gradient reuses the
             incoming one's memory, as across a residual connection.
-        kind: ``"prologue"`` (what runs before the blocks), ``"block"``, or ``"head"`` (what runs after
-            the blocks, loss included).
-        checkpointable: whether the stage can be inside a checkpoint region.
+        kind: ``"prologue"`` (what runs before the blocks), ``"block"``, ``"glue"`` (code the model runs
+            between two blocks, measured as a stage of its own), or ``"head"`` (what runs after the
+            blocks, loss included). See :data:`STAGE_KINDS`.
+        checkpointable: whether the stage can be inside a checkpoint region (blocks only).
         joins_previous: whether the stage can share a region with the stage before it (it receives the
             same extra arguments, e.g. the same attention mask).
         fwd_flops: floating-point operations of the forward (0 if not counted).
@@ -110,6 +121,11 @@ class Stage:
             )
         if self.kind not in STAGE_KINDS:
             raise ProfileError(f"Stage {self.name!r}: kind={self.kind!r} must be one of {STAGE_KINDS}")
+        if self.checkpointable and self.kind != "block":
+            raise ProfileError(
+                f"Stage {self.name!r}: a {self.kind} stage cannot be checkpointed (only blocks can);"
+                " pass checkpointable=False"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,8 @@ class Profile:
             the input embedding, which autograd holds until the embedding's contribution arrives).
             Planned as if live through the whole step (exact in backward, a small over-count in the
             first forward pass).
+        input_shapes: ``((shape, dtype), ...)`` of the profiled inputs, in call order (empty when built by
+            hand); plans carry them so that a planned model can refuse larger inputs.
         safety_fraction: predicted activation peaks are raised by this share before they are checked
             against a budget. Profiles of real models set 0.002: the profile is exact for every plan
             shape it calibrates, but deep nesting can keep a few small tensors (normalisation
@@ -147,10 +165,14 @@ class Profile:
     head_residual_bytes: int = 0
     safety_fraction: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    input_shapes: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, tuple):
             object.__setattr__(self, "stages", tuple(self.stages))
+        # Profiles made before input_shapes was a field kept them in meta: read them from there.
+        shapes = self.input_shapes or self.meta.get("input_shapes", ())
+        object.__setattr__(self, "input_shapes", frozen(shapes))
         if len(self.stages) == 0:
             raise ProfileError("Profile: the chain is empty; a profile needs at least one stage (the head)")
         if isinstance(self.fixed_bytes, bool) or not isinstance(self.fixed_bytes, int) or self.fixed_bytes < 0:
@@ -171,8 +193,11 @@ class Profile:
         fixed_bytes: int = 0,
         names: Sequence[str] | None = None,
         checkpointable: Sequence[bool] | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> Profile:
         """Build a chain from lists of numbers, one entry per stage; the last stage is the head.
+
+        ``kinds`` gives each stage's kind (default: blocks, then the head); only blocks are checkpointable.
 
         >>> p = Profile.from_lists([100, 100, 100], [200, 200, 0], [1.0, 1.0, 0.5], [2.0, 2.0, 1.0])
         >>> len(p), p.stages[-1].kind
@@ -189,6 +214,9 @@ class Profile:
         ob = list(bwd_transient_bytes or zeros)
         names = list(names) if names is not None else [f"stage{i}" for i in range(n)]
         ck = list(checkpointable) if checkpointable is not None else [True] * n
+        kind = list(kinds) if kinds is not None else ["block"] * (n - 1) + ["head"]
+        if len(kind) != n:
+            raise ProfileError(f"Profile.from_lists: kinds has {len(kind)} entries, x_bytes has {n}")
         stages = tuple(
             Stage(
                 name=names[i],
@@ -199,8 +227,8 @@ class Profile:
                 fwd_transient_bytes=int(of[i]),
                 fwd_nograd_transient_bytes=int(ofn[i]),
                 bwd_transient_bytes=int(ob[i]),
-                kind="head" if i == n - 1 else "block",
-                checkpointable=ck[i] and i != n - 1,
+                kind=kind[i],
+                checkpointable=ck[i] and i != n - 1 and kind[i] == "block",
             )
             for i in range(n)
         )
@@ -236,6 +264,19 @@ class Profile:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(s.kind for s in self.stages)
+
+    def block_indices(self) -> tuple[int, ...]:
+        """Indices of the stages that are blocks (not the prologue, glue or the head).
+
+        >>> Profile.from_lists([1, 1, 1], [1, 1, 0], [1.0] * 3, [1.0] * 3, kinds=["prologue", "block", "head"]
+        ...                    ).block_indices()
+        (1,)
+        """
+        return tuple(i for i, s in enumerate(self.stages) if s.kind == "block")
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
