@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 
 from remat.errors import BudgetError
@@ -29,7 +30,8 @@ _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\
 
 
 def parse_bytes(value: int | str, *, what: str = "size") -> int:
-    """Parse a byte count: an int, or a string such as ``"6GiB"``, ``"6GB"``, ``"750MiB"``, ``"1024"``.
+    """Parse a byte count: an int (or anything :func:`operator.index` takes: numpy integers, 0-d integer
+    tensors), or a string such as ``"6GiB"``, ``"6GB"``, ``"750MiB"``, ``"1024"``.
 
     Binary units (KiB, MiB, GiB, TiB and the bare K, M, G, T) are powers of 1024; decimal units (KB, MB,
     GB, TB) are powers of 1000, as on a GPU's spec sheet.
@@ -44,11 +46,15 @@ def parse_bytes(value: int | str, *, what: str = "size") -> int:
     """
     if isinstance(value, bool):
         raise BudgetError(f"{what} {value!r} is a bool; give bytes as an int or a string like '6GiB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise BudgetError(f"{what} {value} is negative; give a positive number of bytes")
-        return value
     if not isinstance(value, str):
+        try:
+            count = operator.index(value)
+        except TypeError:
+            count = None
+        if count is not None:
+            if count < 0:
+                raise BudgetError(f"{what} {value!r} is negative; give a positive number of bytes")
+            return count
         raise BudgetError(f"{what} {value!r} is neither an int nor a string like '6GiB'")
     match = _PATTERN.match(value)
     if match is None:
