@@ -1,6 +1,9 @@
 """The planning layer: torch-free, exact against exhaustive search, never over budget."""
 
+import dataclasses
+import inspect
 import math
+import random
 import subprocess
 import sys
 from functools import cache
@@ -26,15 +29,17 @@ from remat import (
     strategies,
 )
 from remat.planning import optimal as _optimal
+from remat.planning.min_peak import min_peak_items
+from remat.planning.plan import Prediction
+from remat.planning.profile import Stage
 from remat.planning.revolve import extra_forwards, extra_forwards_closed_form, revolve_items
-from remat.planning.strategies import min_feasible_plan
+from remat.planning.solve import make_plan, min_feasible_peak, min_feasible_plan
+from remat.planning.strategies import strategy_options
 
 BASELINES = ["none", "every", "sqrt", "uniform", "revolve"]
 
 
 def chain(n, seed=0, **kw):
-    import random
-
     rng = random.Random(seed)
     return Profile.from_lists(
         [rng.randint(1, 12) for _ in range(n)],
@@ -71,9 +76,27 @@ def all_plans(i, l):
     return plans(i, l)
 
 
-def exhaustive(profile, budget):
+def allowed(profile, items):
+    """Whether every region of ``items`` holds only checkpointable stages that join the one before."""
+    st = profile.stages
+    for it in items:
+        if isinstance(it, Region):
+            if not all(st[k].checkpointable and (k == it.start or st[k].joins_previous)
+                       for k in range(it.start, it.stop)):
+                return False
+            if not allowed(profile, it.body):
+                return False
+    return True
+
+
+def plans_of(profile):
+    """Every plan of the DP's space that the chain allows (regions over checkpointable stages only)."""
+    return [items for items in all_plans(0, len(profile.stages) - 1) if allowed(profile, items)]
+
+
+def exhaustive(profile, budget, plans=None):
     best = None
-    for items in all_plans(0, len(profile.stages) - 1):
+    for items in plans if plans is not None else all_plans(0, len(profile.stages) - 1):
         pred = simulate(profile, items)
         if pred.peak_bytes <= budget and (best is None or pred.time_s < best[0] - 1e-12):
             best = (pred.time_s, items)
@@ -276,7 +299,7 @@ def test_user_strategies_are_registered_and_validated():
             return (Region(0, n, tuple(Record(k) for k in range(n))),)
 
         solve(p, None, strategy=everything)
-    with pytest.raises(PlanError, match="expected stage 1"):
+    with pytest.raises(PlanError, match=r"plan item 1 \(record 2\) starts at stage 2: stage 1 missing"):
         solve(p, None, strategy=lambda prof, b: (Record(0), Record(2)))
 
 
@@ -318,3 +341,253 @@ def test_long_chains_solve_with_auto():
     plan = solve(p, int(0.6 * none), strategy="auto")
     assert plan.peak_bytes <= int(0.6 * none)
     assert math.isfinite(plan.time_s)
+
+
+# ---- glue: a non-checkpointable stage between blocks -------------------------------------------------
+
+
+def with_glue(profile, glue, joins=()):
+    """``profile`` with stage ``glue`` made code between blocks (never checkpointed), and the stages in
+    ``joins`` unable to share a region with the stage before them."""
+    stages = list(profile.stages)
+    stages[glue] = dataclasses.replace(stages[glue], kind="glue", checkpointable=False)
+    for k in joins:
+        stages[k] = dataclasses.replace(stages[k], joins_previous=False)
+    return dataclasses.replace(profile, stages=tuple(stages))
+
+
+glue_chains = chains.filter(lambda p: len(p.stages) >= 4).flatmap(
+    lambda p: st.builds(
+        with_glue, st.just(p), st.integers(1, len(p.stages) - 2),
+        st.sets(st.integers(1, len(p.stages) - 1), max_size=1),
+    )
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(profile=glue_chains, share=st.floats(0.0, 1.0))
+def test_optimal_equals_exhaustive_search_with_glue_in_the_middle(profile, share):
+    plans = plans_of(profile)
+    none = simulate(profile, solve(profile, None, strategy="none")).peak_bytes
+    low = min(simulate(profile, items).peak_bytes for items in plans)
+    assert min_feasible_peak(profile) == low
+    budget = int(low + share * (none - low))
+    ref = exhaustive(profile, budget, plans)
+    plan = solve(profile, budget, strategy="optimal")
+    assert plan.peak_bytes <= budget
+    assert plan.time_s == pytest.approx(ref[0], rel=1e-6, abs=1e-9)
+    glue = profile.kinds.index("glue")
+    for s in [*BASELINES, "optimal"]:
+        try:
+            made = solve(profile, budget, strategy=s)
+        except InfeasibleBudgetError:
+            continue
+        assert all(not (r.start <= glue < r.stop) for r in made.regions()), (s, made.items)
+
+
+def test_glue_stages_are_never_checkpointable():
+    with pytest.raises(ProfileError, match="a glue stage cannot be checkpointed"):
+        Stage("between", 1, 1, 1.0, 1.0, kind="glue")
+    with pytest.raises(ProfileError, match="a head stage cannot be checkpointed"):
+        Stage("<head>", 1, 1, 1.0, 1.0, kind="head")
+    p = Profile.from_lists([4] * 6, [9] * 5 + [0], [1.0] * 6, [1.0] * 6,
+                           kinds=["prologue", "block", "glue", "block", "block", "head"])
+    assert [s.checkpointable for s in p.stages] == [False, True, False, True, True, False]
+    assert p.block_indices() == (1, 3, 4)
+    plan = solve(p, None, strategy="every")
+    assert plan.block_indices() == (1, 3, 4) and plan.stage_kinds == p.kinds
+    assert [(r.start, r.stop) for r in plan.regions()] == [(1, 2), (3, 4), (4, 5)]
+
+
+# ---- the true minimum ---------------------------------------------------------------------------------
+
+
+def large_chain(n, seed):
+    """A chain with real-model-sized numbers (so one DP memory slot is many bytes) and every term the
+    profiler measures: freed inputs, released outputs, recomputation extras, a head residual, safety."""
+    rng = random.Random(seed)
+    p = Profile.from_lists(
+        [rng.randint(1_000, 120_000) for _ in range(n)],
+        [rng.randint(0, 300_000) for _ in range(n - 1)] + [0],
+        [rng.uniform(0.1, 2.0) for _ in range(n)],
+        [rng.uniform(0.1, 3.0) for _ in range(n)],
+        fwd_transient_bytes=[rng.randint(0, 50_000) for _ in range(n)],
+        fwd_nograd_transient_bytes=[rng.randint(0, 50_000) for _ in range(n)],
+        bwd_transient_bytes=[rng.randint(0, 80_000) for _ in range(n)],
+    )
+    stages = [
+        dataclasses.replace(
+            s,
+            input_freed_bytes=rng.randint(0, s.x_bytes) if 0 < k < n - 1 else 0,
+            output_released_bytes=rng.randint(0, 10_000),
+            recompute_bwd_extra_bytes=rng.randint(0, 30_000),
+            recompute_hold_bytes=rng.randint(0, 20_000),
+            joins_previous=rng.random() > 0.1,
+            checkpointable=s.checkpointable and rng.random() > 0.1,
+        )
+        for k, s in enumerate(p.stages)
+    ]
+    return Profile(stages=tuple(stages), fixed_bytes=rng.randint(0, 10**6), safety_fraction=0.002,
+                   head_residual_bytes=rng.randint(0, 5_000))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 40), seed=st.integers(0, 10**6))
+def test_min_feasible_peak_is_exact_in_bytes(n, seed):
+    """The smallest feasible peak is exact, not within a memory slot: ``solve(p, low)`` returns a plan
+    (peaking at exactly ``low``), ``solve(p, low - 1)`` raises and reports ``low``, and the infeasible
+    message, min_feasible_plan and the frontier's first point all say ``low``."""
+    p = large_chain(n, seed)
+    low = min_feasible_peak(p)
+    assert solve(p, low).peak_bytes == low
+    with pytest.raises(InfeasibleBudgetError) as e:
+        solve(p, low - 1)
+    assert e.value.min_feasible_bytes == low
+    assert remat_bytes(low) in str(e.value)
+    assert min_feasible_plan(p).peak_bytes == low
+
+
+def remat_bytes(n):
+    from remat import format_bytes
+
+    return format_bytes(n)
+
+
+def test_min_peak_dp_matches_the_simulator_and_the_exhaustive_minimum():
+    for seed in range(8):
+        p = large_chain(6, seed)
+        peak, items = min_peak_items(p)
+        assert simulate(p, items).peak_bytes == peak
+        assert peak == min(simulate(p, it).peak_bytes for it in plans_of(p))
+
+
+def test_min_feasible_is_below_what_the_slotted_dp_finds():
+    """The filed bug: the smallest budget the DP's slots could see sat above plans that exist."""
+    lower = 0
+    for seed in range(12):
+        p = large_chain(30, seed)
+        act = simulate(p, solve(p, None, strategy="none")).peak_bytes - p.base_bytes
+        table = _optimal.solve_table(p, act, 500)
+        slotted = simulate(p, table.items(int(table.feasible_slots()[0]))).peak_bytes
+        low = min_feasible_peak(p)
+        assert low <= slotted
+        lower += low < slotted
+    assert lower > 0
+
+
+def test_frontier_starts_at_the_true_minimum():
+    p = large_chain(25, 3)
+    pts = frontier(p)
+    assert pts[0].peak_bytes == min_feasible_peak(p)
+    assert all(a.peak_bytes < b.peak_bytes and a.time_s > b.time_s for a, b in zip(pts, pts[1:]))
+
+
+# ---- plans are built in one place ---------------------------------------------------------------------
+
+
+def test_every_plan_carries_the_profile_facts():
+    """solve, min_feasible_plan and frontier build plans alike: input shapes (so a smaller last batch is
+    accepted on apply), stage names and kinds, fingerprint."""
+    base = chain(8, 2)
+    shapes = (((8, 64), "torch.float32"), ((8,), "torch.int64"))
+    p = dataclasses.replace(base, input_shapes=shapes, fingerprint="abc:def")
+    plans = [solve(p, None), solve(p, min_feasible_peak(p)), min_feasible_plan(p), *frontier(p)]
+    for plan in plans:
+        assert plan.input_shapes == shapes
+        assert plan.stage_names == p.names and plan.stage_kinds == p.kinds
+        assert plan.fingerprint == "abc:def"
+        assert plan.prediction == simulate(p, plan.items)
+        assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_make_plan_validates():
+    p = chain(5)
+    with pytest.raises(PlanError, match=r"plan item 0 \(region 0..4\) contains stage 4, which cannot be"):
+        make_plan(p, (Region(0, 5, tuple(Record(k) for k in range(5))),), strategy="x", budget_bytes=None)
+    plan = make_plan(p, tuple(Record(k) for k in range(5)), strategy="x", budget_bytes=7, options={"a": 1})
+    assert plan.budget_bytes == 7 and plan.options == {"a": 1} and plan.strategy == "x"
+
+
+def test_profile_input_shapes_are_a_field_and_read_from_legacy_meta():
+    p = dataclasses.replace(chain(4), input_shapes=[[[8, 64], "torch.float32"]])
+    assert p.input_shapes == (((8, 64), "torch.float32"),)
+    assert Profile.from_json(p.to_json()) == p
+    legacy = p.to_dict()
+    del legacy["input_shapes"]
+    legacy["meta"] = {"input_shapes": [[[8, 64], "torch.float32"]]}
+    assert Profile.from_dict(legacy).input_shapes == p.input_shapes
+
+
+def test_legacy_plan_without_kinds_infers_them():
+    names = ("<prologue>", "h.0", "h.1", "<head>")
+    plan = Plan((Record(0), Region(1, 3, (Record(1), Record(2))), Record(3)), "every", None,
+                Prediction(0, 0.0, 0.0, 0.0, (), (), 0), names)
+    assert plan.stage_kinds == ("prologue", "block", "block", "head")
+    assert plan.block_indices() == (1, 2)
+    assert plan.validate() is plan
+
+
+# ---- typed options -------------------------------------------------------------------------------------
+
+
+def test_a_misspelt_option_lists_the_valid_ones():
+    p = chain(6)
+    with pytest.raises(RematError) as e:
+        solve(p, None, strategy="uniform", segmnts=2)
+    assert str(e.value) == (
+        "remat.solve: strategy 'uniform' has no option 'segmnts'; valid options: segments (int, default 2)"
+    )
+    with pytest.raises(RematError, match=r"strategy 'none' has no option 'slots'; valid options: none"):
+        solve(p, None, strategy="none", slots=3)
+    with pytest.raises(RematError, match=r"snapshots \(int \| None, default None\)"):
+        solve(p, None, strategy="revolve", snapshot=3)
+    with pytest.raises(RematError, match=r"option segments='2' must be int \(str given\)"):
+        solve(p, None, strategy="uniform", segments="2")
+    with pytest.raises(RematError, match=r"option slots=2.5 must be int"):
+        solve(p, 100, strategy="optimal", slots=2.5)
+    with pytest.raises(RematError, match=r"option snapshots=True must be int \| None"):
+        solve(p, None, strategy="revolve", snapshots=True)
+    assert solve(p, None, strategy="revolve", snapshots=None).strategy == "revolve"
+
+
+def test_every_registered_strategy_declares_typed_options():
+    for name in strategies():
+        options, _ = strategy_options(name)
+        for o in options:
+            assert o.default is not inspect.Parameter.empty and o.type_name != "any type", (name, o)
+
+
+def test_user_strategy_options_are_checked_and_duplicates_refused():
+    p = chain(6)
+
+    def halves(profile, budget_bytes, *, cut: int = 2):
+        n = len(profile.stages)
+        return (Region(0, cut, tuple(Record(k) for k in range(cut))), *(Record(k) for k in range(cut, n)))
+
+    register_strategy("halves-test", "halves-alias")(halves)
+    assert solve(p, None, strategy="halves-alias", cut=3).items[0] == Region(0, 3, (Record(0), Record(1), Record(2)))
+    with pytest.raises(RematError, match="has no option 'cutt'; valid options: cut"):
+        solve(p, None, strategy="halves-test", cutt=3)
+    with pytest.raises(RematError, match="'halves-test' is already taken by strategy 'halves-test'"):
+        register_strategy("halves-test")(halves)
+    with pytest.raises(RematError, match="'halves-alias' is already taken by strategy 'halves-test'"):
+        register_strategy("other-test", "halves-alias")(halves)
+    with pytest.raises(RematError, match="'optimal' is already taken"):
+        register_strategy("optimal")(halves)
+    register_strategy("halves-test", replace=True)(lambda prof, b: tuple(Record(k) for k in range(len(prof))))
+    assert solve(p, None, strategy="halves-test").regions is not None
+    assert not list(solve(p, None, strategy="halves-test").regions())
+
+    def open_ended(profile, budget_bytes, **anything):
+        return tuple(Record(k) for k in range(len(profile.stages)))
+
+    assert solve(p, None, strategy=open_ended, whatever=1).options == {"whatever": 1}
+
+
+def test_a_strategy_may_return_any_iterable_of_items_but_nothing_else():
+    p = chain(4)
+    assert solve(p, None, strategy=lambda prof, b: (Record(k) for k in range(4))).items == tuple(map(Record, range(4)))
+    with pytest.raises(PlanError, match=r"strategy '<lambda>' returned None; expected a sequence of plan items"):
+        solve(p, None, strategy=lambda prof, b: None)
+    with pytest.raises(PlanError, match=r"plan item 0: 0 is not a remat.Record or remat.Region"):
+        solve(p, None, strategy=lambda prof, b: [0, 1, 2, 3])

@@ -1,35 +1,45 @@
-"""Planners: one signature, registered by name. No torch here.
+"""Strategies: one signature, registered by name, with typed options. No torch here.
 
-A strategy is ``fn(profile, budget_bytes, **options) -> items`` where ``budget_bytes`` is an int or
-None (no limit). :func:`solve` parses the budget, runs the strategy, checks the plan, simulates it,
-and refuses a plan whose predicted peak exceeds the budget.
+A strategy is ``fn(profile, budget_bytes, *, option=default, ...) -> items``: ``budget_bytes`` is an int
+or None (no limit), and the keyword-only parameters are its options, typed by their annotations.
+:func:`remat.solve` looks the strategy up, checks the options against its signature, runs it, and checks
+and simulates the plan it returns (:mod:`remat.planning.solve`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import types
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from remat.errors import BudgetError, InfeasibleBudgetError, RematError
+from remat.errors import RematError
 from remat.planning import optimal as _optimal
-from remat.planning.plan import Item, Plan, Record, Region, validate_items
+from remat.planning.budget import Budget as Budget  # moved there; still importable from here
+from remat.planning.budget import parse_budget as parse_budget
+from remat.planning.min_peak import min_peak_items
+from remat.planning.plan import Item, Record, Region
 from remat.planning.profile import Profile
 from remat.planning.revolve import revolve_items
 from remat.planning.simulate import simulate
-from remat.units import format_bytes, parse_bytes
 
 __all__ = [
-    "Budget",
-    "frontier",
-    "min_feasible_plan",
-    "parse_budget",
+    "AUTO_MAX_EXACT_STAGES",
+    "Strategy",
+    "StrategyOption",
+    "baselines",
+    "check_options",
+    "lookup",
+    "optimal_strategy",
     "register_strategy",
-    "solve",
+    "runs",
     "strategies",
+    "strategy_options",
 ]
 
-Budget = int | str | float | None
 Strategy = Callable[..., Sequence[Item]]
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -39,12 +49,32 @@ _ALIASES: dict[str, str] = {}
 AUTO_MAX_EXACT_STAGES = 160
 
 
-def register_strategy(name: str, *aliases: str) -> Callable[[Strategy], Strategy]:
-    """Register ``fn(profile, budget_bytes, **options) -> items`` under ``name`` (and aliases)."""
+# ---- the registry -------------------------------------------------------------------------------
+
+
+def register_strategy(name: str, *aliases: str, replace: bool = False) -> Callable[[Strategy], Strategy]:
+    """Register ``fn(profile, budget_bytes, *, options...) -> items`` under ``name`` (and aliases).
+
+    The keyword-only parameters of ``fn`` are its options; their annotations are checked when
+    :func:`remat.solve` passes them.
+
+    Raises:
+        RematError: ``name`` or an alias is taken (by a strategy or an alias) and ``replace`` is False.
+    """
+    for key in (name, *aliases):
+        taken = key in _REGISTRY or key in _ALIASES
+        if taken and not replace:
+            owner = _ALIASES.get(key, key)
+            raise RematError(
+                f"remat.register_strategy: {key!r} is already taken by strategy {owner!r};"
+                " pick another name, or pass replace=True to replace it"
+            )
 
     def deco(fn: Strategy) -> Strategy:
+        _ALIASES.pop(name, None)
         _REGISTRY[name] = fn
         for a in aliases:
+            _REGISTRY.pop(a, None)
             _ALIASES[a] = name
         return fn
 
@@ -56,7 +86,8 @@ def strategies() -> list[str]:
     return list(_REGISTRY)
 
 
-def _lookup(strategy: str | Strategy) -> tuple[str, Strategy]:
+def lookup(strategy: str | Strategy) -> tuple[str, Strategy]:
+    """``(name, fn)`` of a registered strategy (by name or alias), or of a callable."""
     if callable(strategy):
         return getattr(strategy, "__name__", "custom"), strategy
     key = _ALIASES.get(strategy, strategy)
@@ -65,6 +96,111 @@ def _lookup(strategy: str | Strategy) -> tuple[str, Strategy]:
             f"remat.solve: unknown strategy {strategy!r}; choose one of {', '.join(_REGISTRY)} or pass a callable"
         )
     return key, _REGISTRY[key]
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    """One option of a strategy: a keyword-only parameter of its function."""
+
+    name: str
+    type: Any  # the annotation (Any when there is none)
+    default: Any  # inspect.Parameter.empty when required
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
+
+    def describe(self) -> str:
+        """``'segments (int, default 2)'``."""
+        if self.default is inspect.Parameter.empty:
+            return f"{self.name} ({self.type_name}, required)"
+        return f"{self.name} ({self.type_name}, default {self.default!r})"
+
+
+def strategy_options(strategy: str | Strategy) -> tuple[tuple[StrategyOption, ...], bool]:
+    """The options a strategy declares, and whether it takes any other keyword too (``**kwargs``).
+
+    >>> [o.describe() for o in strategy_options("uniform")[0]]
+    ['segments (int, default 2)']
+    """
+    _, fn = lookup(strategy)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or an extension: nothing to check against
+        return (), True
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # annotations that do not resolve: the names are still checked
+        hints = {}
+    options: list[StrategyOption] = []
+    positional, open_ended = 0, False
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            open_ended = True
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and positional < 2:
+            positional += 1  # profile, budget_bytes
+        elif p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            options.append(StrategyOption(p.name, hints.get(p.name, Any), p.default))
+    return tuple(options), open_ended
+
+
+def check_options(name: str, fn: Strategy, options: dict[str, Any]) -> None:
+    """Check ``options`` against what the strategy declares.
+
+    Raises:
+        RematError: an option the strategy does not have (the message lists the valid ones), a value of
+            the wrong type, or a required option missing.
+    """
+    declared, open_ended = strategy_options(fn)
+    by_name = {o.name: o for o in declared}
+    valid = ", ".join(o.describe() for o in declared) or "none (it takes no options)"
+    for key, value in options.items():
+        if key not in by_name:
+            if open_ended:
+                continue
+            raise RematError(f"remat.solve: strategy {name!r} has no option {key!r}; valid options: {valid}")
+        option = by_name[key]
+        if not _accepts(option.type, value):
+            raise RematError(
+                f"remat.solve: strategy {name!r}: option {key}={value!r} must be {option.type_name}"
+                f" ({type(value).__name__} given)"
+            )
+    for option in declared:
+        if option.default is inspect.Parameter.empty and option.name not in options:
+            raise RematError(f"remat.solve: strategy {name!r} needs option {option.describe()}")
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint``; annotations other than classes, unions and
+    None (generics, protocols) are not checked."""
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if hint is Any:
+        return "any type"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if hint is None or hint is type(None):
+        return "None"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 # ---- the chain's structure --------------------------------------------------------------------
@@ -106,6 +242,11 @@ def _segments(a: int, b: int, count: int) -> list[Item]:
     return [Region(s, e, tuple(Record(k) for k in range(s, e))) for s, e in zip(bounds, bounds[1:]) if e > s]
 
 
+def _positive(name: str, option: str, value: int) -> None:
+    if value < 1:
+        raise RematError(f"remat.solve: strategy {name!r}: option {option}={value!r} must be a positive int")
+
+
 # ---- strategies ---------------------------------------------------------------------------------
 
 
@@ -124,8 +265,7 @@ def _every(profile: Profile, budget_bytes: int | None) -> Sequence[Item]:
 @register_strategy("uniform")
 def _uniform(profile: Profile, budget_bytes: int | None, *, segments: int = 2) -> Sequence[Item]:
     """``segments`` equal checkpoint regions per run of blocks."""
-    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-        raise RematError(f"remat.solve: segments={segments!r} must be a positive int")
+    _positive("uniform", "segments", segments)
     return _with_runs(profile, lambda a, b: _segments(a, b, segments))
 
 
@@ -139,6 +279,7 @@ def _sqrt(profile: Profile, budget_bytes: int | None) -> Sequence[Item]:
 def _revolve(profile: Profile, budget_bytes: int | None, *, snapshots: int | None = None) -> Sequence[Item]:
     """Binomial checkpointing; with no ``snapshots`` given, the fastest count that fits the budget."""
     if snapshots is not None:
+        _positive("revolve", "snapshots", snapshots)
         return _with_runs(profile, lambda a, b: revolve_items(a, b - a, snapshots))
     longest = max((b - a for a, b in runs(profile)), default=1)
     best: tuple[float, int, Sequence[Item]] | None = None
@@ -163,7 +304,7 @@ def _revolve(profile: Profile, budget_bytes: int | None, *, snapshots: int | Non
 
 
 @register_strategy("optimal", "rotor", "dp")
-def _optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int = 500) -> Sequence[Item]:
+def optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int = 500) -> Sequence[Item]:
     """Least-time persistent schedule under the byte budget (Beaumont et al. 2019), multi-level.
 
     Note: [Discretisation] The DP rounds every size up to whole slots, which is safe but loses up to
@@ -171,40 +312,51 @@ def _optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int 
     (at most 50%), and the candidate plans are read from the largest slot count down, each simulated
     with exact bytes, until one fits the real budget (the one at ``slots * delta <= budget`` always
     does). The fixed baselines (none, every, sqrt, revolve) are simulated too, and the fastest plan
-    that fits is returned, so ``optimal`` is never slower than a baseline at the same budget.
+    that fits is returned, so ``optimal`` is never slower than a baseline at the same budget. When
+    nothing fits, the plan of least peak (:mod:`remat.planning.min_peak`, exact bytes) is tried last:
+    so every budget from the smallest peak up is met.
     """
     if budget_bytes is None:
         return _none(profile, None)
-    candidates: list[tuple[float, int, Sequence[Item]]] = []
+    _positive("optimal", "slots", slots)
+    candidates: list[tuple[float, int, tuple[Item, ...]]] = []
 
     def consider(items: Sequence[Item]) -> None:
         pred = simulate(profile, items)
         if pred.peak_bytes <= budget_bytes:
             candidates.append((pred.time_s, pred.peak_bytes, tuple(items)))
 
-    act = int((budget_bytes - profile.base_bytes) / (1 + profile.safety_fraction))
-    if act >= 0:
-        n = len(profile.stages)
-        table = _optimal.solve_table(profile, int(act * (1 + min(0.5, n / max(1, slots)))), slots)
-        exact_top = act // table.delta
-        for m in table.feasible_slots()[::-1]:
-            items = table.items(int(m))
-            pred = simulate(profile, items)
-            if pred.peak_bytes <= budget_bytes:
-                candidates.append((pred.time_s, pred.peak_bytes, items))
-                break
-            if m <= exact_top:
-                break
-    for baseline in _baselines(profile, budget_bytes):
+    dp_items = _dp_items(profile, budget_bytes, slots)
+    if dp_items is not None:
+        consider(dp_items)
+    for baseline in baselines(profile, budget_bytes):
         consider(baseline)
     if not candidates:  # at the very edge, the DP's safe side can miss what the simulator allows
-        consider(min_feasible_plan(profile, slots).items)
+        consider(min_peak_items(profile)[1])
     if not candidates:
         return _none(profile, None)  # solve() reports it as infeasible
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
-def _baselines(profile: Profile, budget_bytes: int | None) -> list[Sequence[Item]]:
+def _dp_items(profile: Profile, budget_bytes: int, slots: int) -> tuple[Item, ...] | None:
+    """The DP's fastest plan that fits ``budget_bytes`` when simulated (see the Note above), or None."""
+    act = int((budget_bytes - profile.base_bytes) / (1 + profile.safety_fraction))
+    if act < 0:
+        return None
+    n = len(profile.stages)
+    table = _optimal.solve_table(profile, int(act * (1 + min(0.5, n / max(1, slots)))), slots)
+    exact_top = act // table.delta
+    for m in table.feasible_slots()[::-1]:
+        items = table.items(int(m))
+        if simulate(profile, items).peak_bytes <= budget_bytes:
+            return items
+        if m <= exact_top:
+            return None
+    return None
+
+
+def baselines(profile: Profile, budget_bytes: int | None) -> list[Sequence[Item]]:
+    """The plans of none, every, sqrt and revolve (fitted to ``budget_bytes``)."""
     return [_none(profile, None), _every(profile, None), _sqrt(profile, None), _revolve(profile, budget_bytes)]
 
 
@@ -212,178 +364,28 @@ def _baselines(profile: Profile, budget_bytes: int | None) -> list[Sequence[Item
 def _auto(profile: Profile, budget_bytes: int | None, *, slots: int = 500) -> Sequence[Item]:
     """``optimal``; for chains longer than 160 stages, with slots cut so that L^3 * slots stays within
     what ``optimal`` solves in about a second at 160 stages (and never fewer than 50)."""
+    _positive("auto", "slots", slots)
     n = len(profile.stages)
     if n > AUTO_MAX_EXACT_STAGES:
         slots = max(50, int(slots * (AUTO_MAX_EXACT_STAGES / n) ** 3))
-    return _optimal_strategy(profile, budget_bytes, slots=slots)
+    return optimal_strategy(profile, budget_bytes, slots=slots)
 
 
-# ---- budgets ------------------------------------------------------------------------------------
+# ---- transitional -------------------------------------------------------------------------------
+# solve, frontier and min_feasible_plan moved to remat.planning.solve, which imports this module; they
+# stay importable from here until every caller imports them from there. This lazy import is a cycle
+# (tests/test_architecture.py names it): remove it once no caller needs it.
+_MOVED_TO_SOLVE = ("solve", "frontier", "min_feasible_plan")
+
+if TYPE_CHECKING:
+    from remat.planning.solve import frontier as frontier
+    from remat.planning.solve import min_feasible_plan as min_feasible_plan
+    from remat.planning.solve import solve as solve
 
 
-def parse_budget(budget: Budget, profile: Profile) -> int | None:
-    """Bytes from a budget: an int of bytes, a string (``"6GiB"``, ``"6GB"``, ``"750MiB"``, ``"50%"``),
-    or a fraction in (0, 1] of the no-checkpointing peak. None means no limit."""
-    if budget is None:
-        return None
-    if isinstance(budget, float):
-        return _fraction(budget, budget, profile)
-    if isinstance(budget, str):
-        text = budget.strip()
-        if text.endswith("%"):
-            try:
-                return _fraction(float(text[:-1]) / 100, budget, profile)
-            except ValueError:
-                raise BudgetError(f"budget {budget!r} is not a percentage like '50%'") from None
-        try:
-            value = float(text)
-        except ValueError:
-            return parse_bytes(text, what="budget")
-        if "." in text:
-            return _fraction(value, budget, profile)
-        return parse_bytes(text, what="budget")
-    return parse_bytes(budget, what="budget")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_SOLVE:
+        import remat.planning.solve
 
-
-def _fraction(value: float, original: object, profile: Profile) -> int:
-    if not (0 < value <= 1):
-        raise BudgetError(
-            f"budget {original!r} is a fraction outside (0, 1]; give a share of the no-checkpointing peak"
-            " like 0.5, or bytes like '6GiB'"
-        )
-    peak = simulate(profile, _none(profile, None)).peak_bytes
-    return int(value * peak)
-
-
-# ---- solve ---------------------------------------------------------------------------------------
-
-
-def solve(profile: Profile, budget: Budget = None, *, strategy: str | Strategy = "optimal", **options: Any) -> Plan:
-    """Plan one training step of ``profile`` within ``budget``.
-
-    Args:
-        profile: the chain (from :func:`remat.profile` or :meth:`Profile.from_lists`).
-        budget: peak bytes allowed for the whole step (fixed memory and input included): an int, a string
-            such as ``"6GiB"``, or a fraction in (0, 1] of the no-checkpointing peak; None for no limit.
-        strategy: ``"optimal"`` (default), ``"auto"``, ``"none"``, ``"every"``, ``"sqrt"``, ``"uniform"``,
-            ``"revolve"``, or a callable ``fn(profile, budget_bytes, **options) -> items``.
-        **options: passed to the strategy (``segments=`` for uniform, ``snapshots=`` for revolve,
-            ``slots=`` for optimal).
-
-    Returns:
-        A :class:`remat.Plan` whose predicted peak is within the budget.
-
-    Raises:
-        InfeasibleBudgetError: no plan of this strategy fits; the message gives the smallest feasible peak.
-        BudgetError: the budget is malformed.
-
-    >>> p = Profile.from_lists([10] * 5, [40] * 4 + [0], [1.0] * 5, [2.0] * 5)
-    >>> plan = solve(p, 100)
-    >>> plan.peak_bytes <= 100
-    True
-    """
-    if not isinstance(profile, Profile):
-        raise RematError(f"remat.solve: expected a remat.Profile, got {type(profile).__name__}")
-    budget_bytes = parse_budget(budget, profile)
-    name, fn = _lookup(strategy)
-    items = tuple(fn(profile, budget_bytes, **options))
-    checkpointable = [s.checkpointable for s in profile.stages]
-    validate_items(items, 0, len(profile.stages), checkpointable, [s.joins_previous for s in profile.stages])
-    pred = simulate(profile, items)
-    plan = Plan(
-        items=items,
-        strategy=name,
-        budget_bytes=budget_bytes,
-        prediction=pred,
-        stage_names=profile.names,
-        fingerprint=profile.fingerprint,
-        options=dict(options),
-        input_shapes=tuple(profile.meta.get("input_shapes", ())),
-    )
-    if budget_bytes is not None and pred.peak_bytes > budget_bytes:
-        best = min_feasible_plan(profile)
-        raise InfeasibleBudgetError(
-            _infeasible_message(profile, budget_bytes, best.peak_bytes, name, pred.peak_bytes),
-            budget_bytes=budget_bytes,
-            min_feasible_bytes=best.peak_bytes,
-        )
-    return plan
-
-
-def _infeasible_message(profile: Profile, budget: int, minimum: int, strategy: str, needed: int) -> str:
-    n = len(profile.stages)
-    if budget < minimum:
-        return (
-            f"remat.solve: budget {format_bytes(budget)} is below the smallest feasible peak"
-            f" {format_bytes(minimum)} for this chain of {n} stages (fixed memory"
-            f" {format_bytes(profile.fixed_bytes)}). Raise the budget or lower the batch size."
-        )
-    return (
-        f"remat.solve: strategy '{strategy}' needs {format_bytes(needed)}, above the budget"
-        f" {format_bytes(budget)}; strategy 'optimal' fits any budget from {format_bytes(minimum)}."
-    )
-
-
-def min_feasible_plan(profile: Profile, slots: int = 500) -> Plan:
-    """The plan with the smallest peak remat finds: the optimal DP's smallest feasible slot count
-    (solved twice, the second time finer around the first answer) or a baseline, whichever is lower."""
-    best_items: Sequence[Item] = _none(profile, None)
-    best = simulate(profile, best_items).peak_bytes
-    for items in _baselines(profile, None):
-        peak = simulate(profile, items).peak_bytes
-        if peak < best:
-            best, best_items = peak, items
-    budget = simulate(profile, _none(profile, None)).peak_bytes
-    for _ in range(2):
-        act = budget - profile.base_bytes
-        table = _optimal.solve_table(profile, act, slots)
-        feasible = table.feasible_slots()
-        if len(feasible) == 0:
-            break
-        items = table.items(int(feasible[0]))
-        budget = simulate(profile, items).peak_bytes
-        if budget < best:
-            best, best_items = budget, items
-    pred = simulate(profile, best_items)
-    return Plan(tuple(best_items), "optimal", pred.peak_bytes, pred, profile.names, profile.fingerprint)
-
-
-# ---- frontier ------------------------------------------------------------------------------------
-
-
-def frontier(profile: Profile, *, slots: int = 500) -> list[Plan]:
-    """The Pareto set of (peak bytes, time): from the smallest feasible peak to no checkpointing.
-
-    One DP solve at the no-checkpointing peak gives the optimal cost for every slot count; each distinct
-    plan is simulated, and dominated points dropped. Sorted by increasing peak (decreasing time).
-    """
-    none_items = _none(profile, None)
-    top = simulate(profile, none_items).peak_bytes
-    low = min_feasible_plan(profile, slots).peak_bytes
-    plans: dict[tuple[Item, ...], Plan] = {}
-    # Two tables: one spanning the whole range, one finer near the low end where plans change fastest.
-    for budget in (top, low + (top - low) // 4):
-        act = budget - profile.base_bytes
-        table = _optimal.solve_table(profile, act, slots)
-        costs = table.cost[0, 0, -1]
-        last = math.inf
-        for m in table.feasible_slots():
-            c = float(costs[m])
-            if c >= last:
-                continue
-            last = c
-            items = table.items(int(m))
-            if items not in plans:
-                pred = simulate(profile, items)
-                plans[items] = Plan(items, "optimal", pred.peak_bytes, pred, profile.names, profile.fingerprint)
-    for baseline in _baselines(profile, None):  # the DP's safe side can miss the exact edge plans
-        key = tuple(baseline)
-        if key not in plans:
-            pred = simulate(profile, key)
-            plans[key] = Plan(key, "optimal", pred.peak_bytes, pred, profile.names, profile.fingerprint)
-    pts = sorted(plans.values(), key=lambda p: (p.peak_bytes, p.time_s))
-    out: list[Plan] = []
-    for p in pts:
-        if not out or p.time_s < out[-1].time_s - 1e-12:
-            out.append(p)
-    return out
+        return getattr(remat.planning.solve, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
