@@ -349,6 +349,7 @@ def _check_fields(plan: Plan) -> None:
          f"budget_bytes={b!r} must be None or a non-negative int")
     need(isinstance(plan.fingerprint, str), f"fingerprint={plan.fingerprint!r} must be a str")
     need(isinstance(plan.options, dict), f"options={plan.options!r} must be a dict")
+    need(isinstance(plan.input_shapes, tuple), f"input_shapes={plan.input_shapes!r} must be a sequence")
     names, kinds = plan.stage_names, plan.stage_kinds
     need(isinstance(names, tuple) and len(names) > 0 and all(isinstance(s, str) for s in names),
          f"stage_names={names!r} must be a non-empty tuple of str")
