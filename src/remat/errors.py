@@ -25,7 +25,8 @@ class InfeasibleBudgetError(RematError):
 
     Attributes:
         budget_bytes: the budget asked for.
-        min_feasible_bytes: the smallest peak remat can reach for this chain (None if unknown).
+        min_feasible_bytes: the smallest peak remat can reach for this chain, exact to the byte: a budget of
+            it is met, one byte less is not (None if unknown).
     """
 
     def __init__(self, message: str, *, budget_bytes: int, min_feasible_bytes: int | None) -> None:
