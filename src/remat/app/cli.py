@@ -1,102 +1,235 @@
-"""The ``remat`` command: ``remat demo``, ``remat plan``, ``remat profile``."""
+"""The ``remat`` command: ``remat demo``, ``remat plan``, ``remat profile``.
+
+Torch is imported only inside the subcommands that need it, so ``remat --help`` and ``remat --version``
+are instant. Every argument is checked before any work starts (profiling a large model takes a while):
+a mistake is one line, ``remat: error: ...``, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import os
+import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
+from remat.app.catalog import DTYPE_BYTES, MODELS, check_request
 from remat.errors import RematError
+from remat.planning.budget import parse_budget
 from remat.planning.profile import Profile
-from remat.planning.table import render_table
-from remat.units import format_bytes, format_seconds, parse_bytes
+from remat.planning.solve import frontier, min_feasible_peak, solve
+from remat.planning.strategies import strategies
+from remat.units import format_bytes, format_seconds
 
-OPTIMIZER_STATE_BYTES_PER_PARAM = {"none": 0, "sgd": 4, "adam": 8}
+__all__ = ["main"]
+
+#: Defaults of the options that build a model (None in the parsed arguments means "not given").
+MODEL_DEFAULTS: dict[str, Any] = {"batch": 8, "seq": 1024, "dtype": "float32", "device": "meta",
+                                  "throughput": "h100", "repeats": 3}
+
+#: Names of :data:`remat.runtime.profiler.THROUGHPUTS`, here so that ``--help`` needs no torch (a test
+#: checks that they agree).
+THROUGHPUT_NAMES = ("h200", "h100", "a100", "l4", "cpu")
+
+#: What ``--optimizer`` accepts: :data:`remat.runtime.optimizer.OPTIMIZERS` (a test checks that they agree).
+OPTIMIZER_NAMES = ("none", "sgd", "sgd-momentum", "adam", "adamw")
+
+BUDGET_HELP = ("peak memory of one training step, fixed memory included: a size ('80GiB', '6GB', '750MiB')"
+               " or a byte count, or a share of the peak without checkpointing ('50%%', '0.5')")
+
+
+class UsageError(RematError):
+    """A command line remat refuses before doing any work."""
 
 
 def _print(*args: Any) -> None:
     print(*args, flush=True)
 
 
+# ---- checks: before any work ---------------------------------------------------------------------------------
+
+
+def _positive(flag: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 1:
+            why = " (steps are timed on cpu and cuda; on meta times are estimated)" if flag == "--repeats" else ""
+            raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}{why}")
+        return value
+
+    return parse
+
+
+def _check_device(text: str) -> str:
+    match = re.fullmatch(r"(meta|cpu|cuda)(:\d+)?", text.strip())
+    if match is None or (match.group(2) and match.group(1) != "cuda"):
+        raise UsageError(f"--device {text}: not a device remat runs on; use meta (plan without allocating"
+                         " anything), cpu, cuda or cuda:N")
+    if match.group(1) == "cuda":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(match.group(2)[1:]) if match.group(2) else 0
+        if index >= count:
+            found = f"{count} CUDA device(s)" if count else f"no CUDA device (torch {torch.__version__})"
+            raise UsageError(f"--device {text}: this machine has {found}; use --device meta to plan without"
+                             " a GPU, or --device cpu")
+    return text.strip()
+
+
+def _check_budget(text: str) -> None:
+    """Parse the budget the way :func:`remat.solve` will, against a stand-in chain: mistakes now, not after
+    profiling (what a share comes to is known only then)."""
+    parse_budget(text, Profile.from_lists([1, 1], [1, 0], [1.0, 1.0], [1.0, 1.0]))
+
+
+def _check_output(path: str, flag: str, *, png: bool = False) -> None:
+    if png and not path.lower().endswith(".png"):
+        raise UsageError(f"{flag} {path}: the frontier is written as a PNG image; give a path ending in .png")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {path}: {target} is not writable")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """With --profile, no model options; without, a model the catalog can serve. Fills the defaults."""
+    given = [f"--{k}" for k in MODEL_DEFAULTS if getattr(args, k, None) is not None]
+    if getattr(args, "profile", None):
+        if args.model or given:
+            extra = ([f"model {args.model!r}"] if args.model else []) + given
+            raise UsageError(f"--profile {args.profile} plans a saved profile, whose model and shapes are fixed;"
+                             f" {', '.join(extra)} would be ignored: drop {'it' if len(extra) == 1 else 'them'},"
+                             " or drop --profile")
+        if not os.path.isfile(args.profile):
+            raise UsageError(f"--profile {args.profile}: no such file")
+        return
+    for k, v in MODEL_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not args.model:
+        raise UsageError(f"remat {args.command}: name a model ({', '.join(MODELS)})"
+                         + (" or pass --profile FILE" if args.command == "plan" else ""))
+    check_request(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    args.device = _check_device(args.device)
+
+
+def _check_plan_args(args: argparse.Namespace) -> None:
+    _check_model_args(args)
+    _check_budget(args.budget)
+    known = strategies()
+    if args.strategy not in known:
+        raise UsageError(f"--strategy {args.strategy!r}: unknown; use one of {', '.join(known)}")
+    if args.json and args.frontier:
+        raise UsageError("--json prints only the plan, for programs, and --frontier a table for people: use one"
+                         " (remat.frontier gives the frontier's plans in Python)")
+    if args.plot:
+        _check_output(args.plot, "--plot", png=True)
+
+
 # ---- remat plan / remat profile ------------------------------------------------------------------
 
 
-def _profile_from_args(args: argparse.Namespace) -> tuple[Profile, str]:
-    if getattr(args, "profile", None):
-        with open(args.profile) as f:
-            prof = Profile.from_json(f.read())
-        return prof, f"profile {args.profile} ({len(prof.stages)} stages, {prof.device})"
-    if not args.model:
-        raise RematError("remat plan: name a model (e.g. gpt2, llama-7b) or pass --profile FILE")
+def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]:
+    """Build the model and profile it; its optimizer state per name (exact, in the parameters' dtype)
+    goes into the profile's meta, so that a saved profile keeps it."""
     from remat.app import zoo
+    from remat.runtime.optimizer import OPTIMIZERS, optimizer_state_bytes
     from remat.runtime.profiler import profile
 
     built = zoo.build(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
     prof = profile(built.model, built.inputs, loss_fn=built.loss_fn, device=args.device,
-                   throughput=args.throughput, progress=sys.stderr.isatty() and not getattr(args, "json", False),
-                   repeats=args.repeats)
-    where = (f"on meta (no memory used; times estimated for {args.throughput or 'h100'})" if args.device == "meta"
+                         throughput=args.throughput, progress=sys.stderr.isatty() and not quiet,
+                         repeats=args.repeats)
+    state = {name: optimizer_state_bytes(built.model, name, device=args.device) for name in OPTIMIZERS}
+    prof = dataclasses.replace(prof, meta={**prof.meta, "optimizer_state_bytes": state})
+    where = (f"on meta (no memory used; times estimated for {args.throughput})" if args.device == "meta"
              else f"on {args.device}")
     desc = (f"{args.model}: {built.description}; batch {args.batch} x seq {args.seq}, {args.dtype}; profiled {where}"
             f" in {time.perf_counter() - t0:.1f} s")
     return prof, desc
 
 
+def _load_profile(path: str) -> tuple[Profile, str]:
+    with open(path) as f:
+        prof = Profile.from_json(f.read())
+    return prof, f"profile {path} ({len(prof.stages)} stages, {prof.device})"
+
+
 def _add_optimizer(prof: Profile, optimizer: str) -> Profile:
-    per = OPTIMIZER_STATE_BYTES_PER_PARAM[optimizer]
-    if not per:
+    """The profile with ``optimizer``'s state as fixed memory: as recorded when profiling (exact, per dtype),
+    or, for a profile saved before that, from its gradients (one state tensor per gradient, same size)."""
+    if optimizer == "none":
         return prof
-    numel = prof.meta.get("params_numel") or 0
-    if not numel:
-        raise RematError("remat plan: --optimizer needs a profile that records the parameter count")
-    return prof.with_extra_fixed(per * int(numel), f"{optimizer} state")
+    recorded = prof.meta.get("optimizer_state_bytes") or {}
+    if optimizer in recorded:
+        extra = int(recorded[optimizer])
+    else:
+        copies = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}[optimizer]
+        extra = copies * (prof.grads_bytes or prof.params_bytes)
+    return prof.with_extra_fixed(extra, f"{optimizer} state") if extra else prof
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from remat.planning.simulate import simulate
-    from remat.planning.strategies import min_feasible_plan, solve
-
-    prof, desc = _profile_from_args(args)
-    prof = _add_optimizer(prof, args.optimizer)
-    plan = solve(prof, args.budget, strategy=args.strategy)
-    if args.json:
-        _print(plan.to_json())
-        return 0
-    none = simulate(prof, solve(prof, None, strategy="none"))
-    every = simulate(prof, solve(prof, None, strategy="every"))
-    low = min_feasible_plan(prof)
+def _print_report(prof: Profile, desc: str, plan: Any) -> None:
+    none = solve(prof, None, strategy="none")
+    every = solve(prof, None, strategy="every")
     _print(desc)
     _print(f"fixed memory: {prof.fixed_summary()}")
     _print(f"peak without checkpointing {format_bytes(none.peak_bytes)}; every block checkpointed"
-           f" {format_bytes(every.peak_bytes)} (+{100 * every.overhead:.1f}% time); smallest feasible"
-           f" {format_bytes(low.peak_bytes)}")
+           f" {format_bytes(every.peak_bytes)} (+{100 * every.prediction.overhead:.1f}% time); smallest feasible"
+           f" {format_bytes(min_feasible_peak(prof))}")
     _print("")
     _print(str(plan))
     fits = "fits" if plan.peak_bytes <= (plan.budget_bytes or plan.peak_bytes) else "does not fit"
     _print(f"\nverdict: one training step {fits} in {format_bytes(plan.budget_bytes or 0)}: predicted peak"
            f" {format_bytes(plan.peak_bytes)}, step time +{100 * plan.prediction.overhead:.1f}% over no checkpointing")
-    if args.frontier:
-        from remat.planning.strategies import frontier
 
-        rows = [[format_bytes(p.peak_bytes), format_seconds(p.time_s), f"+{100 * p.prediction.overhead:.1f}%",
-                 sum(1 for _ in p.regions()), max(p.prediction.forwards) - 1] for p in frontier(prof)]
-        _print("\n" + render_table(["peak", "step", "recompute", "regions", "max recomputations"], rows,
-                                   title="the memory-time frontier (optimal plans, smallest peak first):"))
+
+def _print_frontier(prof: Profile) -> None:
+    from remat.planning.table import render_table
+
+    rows = [[format_bytes(p.peak_bytes), format_seconds(p.time_s), f"+{100 * p.prediction.overhead:.1f}%",
+             sum(1 for _ in p.regions()), max(p.prediction.forwards) - 1] for p in frontier(prof)]
+    _print("\n" + render_table(["peak", "step", "recompute", "regions", "max recomputations"], rows,
+                               title="the memory-time frontier (optimal plans, smallest peak first):"))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``remat plan``: profile (or load) -> solve -> report; ``--json`` for programs."""
+    _check_plan_args(args)
+    prof, desc = _load_profile(args.profile) if args.profile else _profile_model(args, quiet=args.json)
+    prof = _add_optimizer(prof, args.optimizer)
+    plan = solve(prof, args.budget, strategy=args.strategy)
+    if args.json:
+        _print(plan.to_json())
+    else:
+        _print_report(prof, desc, plan)
+        if args.frontier:
+            _print_frontier(prof)
     if args.plot:
         from remat.app.plot import plot_frontier
 
         plot_frontier(prof, args.plot, highlight=plan)
-        _print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout, flush=True)
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    prof, desc = _profile_from_args(args)
+    """``remat profile MODEL -o FILE``."""
+    _check_model_args(args)
+    _check_output(args.output, "-o")
+    prof, desc = _profile_model(args, quiet=False)
     with open(args.output, "w") as f:
         f.write(prof.to_json())
     _print(desc)
@@ -105,205 +238,131 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- remat demo -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _section(title: str) -> Iterator[None]:
-    _print(f"\n== {title} ==")
-    t0 = time.perf_counter()
-    yield
-    _print(f"({time.perf_counter() - t0:.1f} s)")
-
-
-def _checkpoint_trade(label: str, model: Any, x: Any, repeats: int) -> None:
-    """No checkpointing, torch.utils.checkpoint on every layer, and remat at half the activation
-    memory, measured side by side."""
-    from torch.utils.checkpoint import checkpoint
-
-    from remat.app.compare import Variant, plan_variant, run_variants
-    from remat.planning.simulate import simulate
-    from remat.planning.strategies import min_feasible_plan, solve
-    from remat.runtime.profiler import profile
-
-    def loss_fn(out: Any) -> Any:
-        return out.float().pow(2).mean()
-
-    def every_layer() -> None:
-        h = x
-        for layer in model:
-            h = checkpoint(layer, h, use_reentrant=False)
-        loss_fn(h).backward()
-
-    prof = profile(model, x, loss_fn=loss_fn, repeats=2)
-    none = simulate(prof, solve(prof, None, strategy="none"))
-    every = simulate(prof, solve(prof, None, strategy="every"))
-    half = max(prof.base_bytes + (none.peak_bytes - prof.base_bytes) // 2, min_feasible_plan(prof).peak_bytes)
-    same = solve(prof, every.peak_bytes)
-    small = solve(prof, half)
-    variants = [Variant("no checkpointing"), Variant("checkpoint every layer", step=every_layer),
-                plan_variant(model, same, "remat optimal, budget = every layer's peak"),
-                plan_variant(model, small, f"remat optimal, budget {format_bytes(half)}")]
-    res = run_variants(model, x, variants, loss_fn=loss_fn, repeats=repeats)
-    rows = [[r.label, format_bytes(r.peak_bytes), format_seconds(r.time_s), f"{r.time_ratio:.2f}x",
-             f"{r.plan.time_s / none.time_s:.2f}x" if r.plan else "", "yes" if r.grads_equal else "NO"] for r in res]
-    _print(render_table(["", "peak", "step", "time", "predicted", "grads equal"], rows, title=label))
-    a, b, c, d = res
-    _print(f"-> every layer saves {format_bytes(a.peak_bytes - b.peak_bytes)} for {100 * (b.time_ratio - 1):+.0f}%"
-           f" time; remat gets that peak for {100 * (c.time_ratio - 1):+.0f}%, or saves"
-           f" {format_bytes(a.peak_bytes - d.peak_bytes)} for {100 * (d.time_ratio - 1):+.0f}%"
-           f" (fixed memory, untouched by checkpointing: {format_bytes(prof.fixed_bytes)})")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    """``remat demo``: see :mod:`remat.app.demo`."""
+    _check_output(args.plot, "--plot", png=True)
+    from remat.app.demo import cmd_demo as run
 
-    from remat.app import zoo
-    from remat.app.compare import plan_variant, run_variants
-    from remat.planning.simulate import simulate
-    from remat.planning.strategies import min_feasible_plan, solve
-    from remat.runtime.profiler import profile
+    return run(args)
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    quick = args.quick
-    repeats = 5 if not quick else 1
-    t_start = time.perf_counter()
-    with _section("1. what checkpointing trades: memory saved, time paid"):
-        torch.manual_seed(0)
-        width, rows = (1024, 256) if not quick else (128, 32)
-        seed_model = zoo.linear_stack(20, width)
-        _checkpoint_trade(f"20 x Linear({width}, {width}), batch {rows}", seed_model, torch.randn(rows, width), repeats)
-        depth, hidden = (12, 2048) if not quick else (4, 256)
-        mlp = zoo.residual_mlp(depth=depth, width=width, hidden=hidden)
-        _checkpoint_trade(f"\nresidual MLP: {depth} blocks {width} -> {hidden} -> {width} + LayerNorm, {rows} rows",
-                          mlp, torch.randn(rows, width), repeats)
 
-    with _section("2. remat on a GPT-2-style model: every strategy at a few budgets"):
-        batch, seq = (4, 128) if not quick else (2, 32)
-        built = zoo.build("gpt2-tiny", batch=batch, seq=seq)
-        _print(f"model: {built.description}; batch {batch} x seq {seq}, float32, dropout on")
-        prof = profile(built.model, built.inputs, progress=True, repeats=repeats)
-        none = simulate(prof, solve(prof, None, strategy="none"))
-        every = simulate(prof, solve(prof, None, strategy="every"))
-        low = min_feasible_plan(prof).peak_bytes
-        _print(f"profiled {len(prof.stages)} stages; fixed memory {prof.fixed_summary()}")
-        budgets = [("100% of no-ckpt peak", none.peak_bytes), ("70%", int(0.7 * none.peak_bytes)),
-                   ("every-layer peak", every.peak_bytes),
-                   ("below every-layer", int(low + 0.25 * (every.peak_bytes - low)))]
-        strategies = ["none", "every", "sqrt", "revolve", "optimal"]
-        plans: dict[tuple[Any, ...], Any] = {}
-        table: list[tuple[str, int, str, Any]] = []
-        for label, b in budgets:
-            for s in strategies:
-                try:
-                    plan = solve(prof, b, strategy=s)
-                except RematError:
-                    table.append((label, b, s, None))
-                    continue
-                plans.setdefault(plan.items, plan)
-                table.append((label, b, s, plans[plan.items]))
-        none_plan = solve(prof, None, strategy="none")
-        plans.pop(none_plan.items, None)
-        variants = [plan_variant(built.model, none_plan, "none")]
-        variants += [plan_variant(built.model, p, f"plan{k}") for k, p in enumerate(plans.values())]
-        results = {r.plan.items: r for r in run_variants(built.model, built.inputs, variants, repeats=repeats)
-                   if r.plan is not None}
-        lines: list[list[str]] = []
-        for label, b, s, plan in table:
-            if plan is None:
-                lines.append([label, format_bytes(b), s, "no", "-", "-", "-", "-", "-"])
-                continue
-            r = results[plan.items]
-            lines.append([label, format_bytes(b), s, "yes", format_bytes(plan.peak_bytes), format_bytes(r.peak_bytes),
-                         f"{plan.time_s / none.time_s:.2f}x", f"{r.time_ratio:.2f}x", "yes" if r.grads_equal else "NO"])
-        _print(render_table(["budget", "bytes", "strategy", "fits", "sim peak", "measured peak", "sim time",
-                             "measured time", "grads equal"], lines))
-        _print("time = step time / no checkpointing (measured: round-robin medians of"
-               f" {repeats}); peaks are exact tensor bytes (remat.measure)")
-        from remat.app.plot import plot_frontier
+# ---- the parser ----------------------------------------------------------------------------------------
 
-        out = args.plot
-        optimal = [(lbl, plan) for lbl, _, s, plan in table if s == "optimal" and plan is not None]
-        measured = [(f"optimal @ {lbl}", results[plan.items].peak_bytes, results[plan.items].time_ratio)
-                    for lbl, plan in optimal[1:]]
-        plot_frontier(prof, out, highlight=optimal[-1][1], measured=measured)
-        _print(f"wrote {out} (the memory-time frontier; x = measured points)")
-    _print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
-    return 0
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake raises :class:`UsageError` (one line from :func:`main`) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        where = f"{self.prog}: " if " " in self.prog else ""  # name the subcommand
+        raise UsageError(f"{where}{message} (see {self.prog} --help)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("remat")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree that is not installed
+        return "(not installed)"
+
+
+def _epilog() -> str:
+    models = "\n".join(f"  {name:<12} {spec.description}" for name, spec in MODELS.items())
+    defaults = ", ".join(f"--{k} {v}" for k, v in MODEL_DEFAULTS.items())
+    return (
+        "budgets (--budget): the peak memory of one training step, fixed memory (parameters, gradients,\n"
+        "  optimizer state) included: a size like 80GiB, 6GB, 750MiB (GiB = 2^30 bytes, GB = 10^9) or a byte\n"
+        "  count; or a share of the predicted peak without checkpointing: 50% or 0.5.\n"
+        f"strategies (--strategy, default optimal): {', '.join(strategies())}\n"
+        f"models (random or meta weights, never downloaded; defaults {defaults}):\n{models}\n"
+        "examples:\n"
+        "  remat plan llama-7b --batch 8 --seq 4096 --dtype bfloat16 --budget 80GiB --optimizer adamw\n"
+        "  remat profile gpt2-tiny --device cpu -o profile.json && remat plan --profile profile.json --budget 50%\n"
+        "  remat demo"
+    )
+
+
+def _debug_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _model_args(q: argparse.ArgumentParser) -> None:
+    d = MODEL_DEFAULTS
+    q.add_argument("model", nargs="?", help=f"a built-in model: {', '.join(MODELS)}")
+    q.add_argument("--batch", type=_positive("--batch"), help=f"batch size (default {d['batch']})")
+    q.add_argument("--seq", type=_positive("--seq"),
+                   help=f"sequence length, at most the model's positions (default {d['seq']})")
+    q.add_argument("--dtype", choices=list(DTYPE_BYTES), help=f"parameters and activations (default {d['dtype']})")
+    q.add_argument("--device", help=f"meta (nothing allocated, times estimated), cpu, cuda or cuda:N"
+                                    f" (default {d['device']})")
+    q.add_argument("--throughput", choices=THROUGHPUT_NAMES,
+                   help=f"the device whose speed estimates times on meta (default {d['throughput']})")
+    q.add_argument("--repeats", type=_positive("--repeats"),
+                   help=f"timed runs per measurement on cpu or cuda (default {d['repeats']})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="remat", formatter_class=fmt, epilog=_epilog(),
+                description="Fit PyTorch training into a memory budget by activation checkpointing, at the least"
+                            " extra time.")
+    p.add_argument("--version", action="version", version=f"remat {_version()}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,plan,profile}")
+
+    d = sub.add_parser("demo", help="the main job: measure the trade, then plan a GPT-2-style model")
+    _debug_arg(d)
+    d.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    d.add_argument("--plot", default="remat-frontier.png", help="where to write the frontier PNG (default %(default)s)")
+    d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("plan", help="plan one training step of a built-in model or a saved profile",
+                       formatter_class=fmt, epilog=_epilog())
+    _debug_arg(q)
+    _model_args(q)
+    q.add_argument("--profile", help="a profile.json from `remat profile`, instead of a model and its options")
+    q.add_argument("--budget", required=True, help=BUDGET_HELP)
+    q.add_argument("--strategy", default="optimal", help="how to plan (default %(default)s; see below)")
+    q.add_argument("--optimizer", default="none", choices=OPTIMIZER_NAMES,
+                   help="count this optimizer's state as fixed memory, in the parameters' dtype, with torch's"
+                        " defaults (adam, adamw: 2 copies of the parameters; sgd-momentum: 1; sgd: none)"
+                        " (default %(default)s)")
+    q.add_argument("--json", action="store_true", help="print only the plan, as JSON")
+    q.add_argument("--plot", help="also write the memory-time frontier to this PNG")
+    q.add_argument("--frontier", action="store_true", help="also print the memory-time frontier")
+    q.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("profile", help="profile a built-in model and save the profile as JSON",
+                       formatter_class=fmt, epilog=_epilog())
+    _debug_arg(r)
+    _model_args(r)
+    r.add_argument("-o", "--output", required=True, help="where to write the profile (JSON)")
+    r.set_defaults(func=cmd_profile)
+    return p
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    from remat.app import zoo
-    from remat.runtime.profiler import THROUGHPUTS
-
-    p = argparse.ArgumentParser(prog="remat", description="Fit PyTorch training into a memory budget by"
-                                " activation checkpointing, at the least extra time.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="the main job: measure the trade, then plan a GPT-2-style model")
-    d.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
-    d.add_argument("--plot", default="remat-frontier.png", help="where to write the frontier PNG")
-    d.set_defaults(func=cmd_demo)
-
-    def model_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("model", nargs="?", help=f"one of {', '.join(zoo.MODELS)}")
-        q.add_argument("--batch", type=int, default=8)
-        q.add_argument("--seq", type=int, default=1024)
-        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        q.add_argument("--device", default="meta", help="meta (default: nothing allocated), cpu, or cuda")
-        q.add_argument("--throughput", default=None, choices=list(THROUGHPUTS),
-                       help="device whose speed estimates times on meta (default h100)")
-        q.add_argument("--repeats", type=int, default=3, help="timed repeats on a real device")
-
-    q = sub.add_parser("plan", help="plan one training step of a built-in model or a saved profile")
-    model_args(q)
-    q.add_argument("--profile", help="a profile.json from `remat profile` instead of a model")
-    q.add_argument("--budget", required=True, help="peak memory allowed: 80GiB, 6GB, 750MiB, or 0.5 (share)")
-    q.add_argument("--strategy", default="optimal")
-    q.add_argument("--optimizer", default="none", choices=list(OPTIMIZER_STATE_BYTES_PER_PARAM),
-                   help="count optimizer state as fixed memory (adam: 8 bytes/param, sgd momentum: 4)")
-    q.add_argument("--json", action="store_true", help="print the plan as JSON only")
-    q.add_argument("--plot", help="write the frontier PNG here")
-    q.add_argument("--frontier", action="store_true", help="also print the memory-time frontier")
-    q.set_defaults(func=cmd_plan)
-
-    r = sub.add_parser("profile", help="profile a built-in model and save the profile as JSON")
-    model_args(r)
-    r.add_argument("-o", "--output", required=True)
-    r.set_defaults(func=cmd_profile)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "budget", None) is not None:
-        args.budget = _budget_arg(args.budget)
+    """Run the ``remat`` command; returns the exit status (2 for a mistake, with one line on stderr)."""
+    args = None
     try:
+        args = _parser().parse_args(argv)
         return int(args.func(args))
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # `remat plan ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (RematError, OSError) as e:
-        if args.debug:
+        if args is not None and args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"remat: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _budget_arg(text: str) -> Any:
-    """CLI budgets: ``0.5`` or ``50%`` are shares, anything else bytes."""
-    t = text.strip()
-    if t.endswith("%") or (t.replace(".", "", 1).isdigit() and "." in t):
-        return t
-    try:
-        return parse_bytes(t, what="--budget")
-    except RematError:
-        return t
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from remat.runtime.executor import apply, remove
 from remat.runtime.measure import measure, reset_grads
 from remat.runtime.model import as_call, loss_function, tensors_in
 
-__all__ = ["Result", "Variant", "plan_variant", "run_variants"]
+__all__ = ["Result", "Variant", "check_variant", "median_s", "plan_variant", "run_variants", "time_variants"]
 
 
 @dataclass
@@ -59,44 +59,51 @@ def plan_variant(model: nn.Module, plan: Plan, label: str | None = None) -> Vari
     return Variant(label or plan.strategy, enter=enter, exit=leave, plan=plan)
 
 
-def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Variant], *,
-                 loss_fn: Callable[[Any], torch.Tensor] | None = None, repeats: int = 5, seed: int = 0,
-                 ) -> list[Result]:
-    """Run every variant: exact peak, median step time (round-robin), gradients vs the first variant."""
-    args, kwargs = as_call(example_inputs)
-    get_loss = loss_function(loss_fn)
-    params = [p for p in model.parameters() if p.requires_grad]
-    inputs = tensors_in((args, kwargs))
+class _Step:
+    """The default training step of ``model`` on ``example_inputs``, and its gradient-bearing parameters."""
 
-    def default_step() -> None:
-        out = model(*args, **kwargs)
-        get_loss(out).backward()
+    def __init__(self, model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
+        self.model = model
+        self.args, self.kwargs = as_call(example_inputs)
+        self.get_loss = loss_function(loss_fn)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.inputs = tensors_in((self.args, self.kwargs))
 
-    ref: list[torch.Tensor] | None = None
-    peaks: dict[str, int] = {}
-    equal: dict[str, bool] = {}
-    for v in variants:
-        step = v.step or default_step
-        v.enter()
-        try:
-            reset_grads(model)
-            torch.manual_seed(seed)
-            step()
-            grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-            if ref is None:
-                ref = grads
-            equal[v.label] = all(torch.equal(a, b) for a, b in zip(grads, ref))
-            del grads
-            peaks[v.label] = measure(step, model=model, inputs=inputs, warmup=0, repeats=0).peak_bytes
-        finally:
-            v.exit()
+    def __call__(self) -> None:
+        out = self.model(*self.args, **self.kwargs)
+        self.get_loss(out).backward()
+
+
+def check_variant(model: nn.Module, example_inputs: Any, variant: Variant, *,
+                  loss_fn: Callable[[Any], torch.Tensor] | None = None, seed: int = 0,
+                  ) -> tuple[int, list[torch.Tensor]]:
+    """One variant's exact peak (:func:`remat.measure`) and the gradients of one seeded step."""
+    default = _Step(model, example_inputs, loss_fn)
+    step = variant.step or default
+    variant.enter()
+    try:
+        reset_grads(model)
+        torch.manual_seed(seed)
+        step()
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in default.params]
+        peak = measure(step, model=model, inputs=default.inputs, warmup=0, repeats=0).peak_bytes
+    finally:
+        variant.exit()
+    return peak, grads
+
+
+def time_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Variant], *,
+                  loss_fn: Callable[[Any], torch.Tensor] | None = None, repeats: int = 5,
+                  on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Step times of every variant, round-robin: ``repeats`` rounds, the order rotated each round."""
+    default = _Step(model, example_inputs, loss_fn)
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     for r in range(repeats):
         # Rotate the order each round, so that no variant always follows the same one (a variant that
         # frees a lot of memory can speed up or slow down the next one's allocations).
         k = r % len(variants)
         for v in [*variants[k:], *variants[:k]]:
-            step = v.step or default_step
+            step = v.step or default
             v.enter()
             try:
                 reset_grads(model)
@@ -105,9 +112,33 @@ def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Varia
                 times[v.label].append(time.perf_counter() - t0)
             finally:
                 v.exit()
-    base = statistics.median(times[variants[0].label]) if repeats else float("nan")
+        if on_round is not None:
+            on_round(r)
+    return times
+
+
+def median_s(times: Sequence[float]) -> float:
+    """The median of ``times`` (NaN when there are none)."""
+    return statistics.median(times) if times else float("nan")
+
+
+def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Variant], *,
+                 loss_fn: Callable[[Any], torch.Tensor] | None = None, repeats: int = 5, seed: int = 0,
+                 ) -> list[Result]:
+    """Run every variant: exact peak, median step time (round-robin), gradients vs the first variant."""
+    ref: list[torch.Tensor] | None = None
+    peaks: dict[str, int] = {}
+    equal: dict[str, bool] = {}
+    for v in variants:
+        peaks[v.label], grads = check_variant(model, example_inputs, v, loss_fn=loss_fn, seed=seed)
+        if ref is None:
+            ref = grads
+        equal[v.label] = all(torch.equal(a, b) for a, b in zip(grads, ref))
+        del grads
+    times = time_variants(model, example_inputs, variants, loss_fn=loss_fn, repeats=repeats)
+    base = median_s(times[variants[0].label])
     out = []
     for v in variants:
-        t = statistics.median(times[v.label]) if repeats else float("nan")
+        t = median_s(times[v.label])
         out.append(Result(v.label, peaks[v.label], t, t / base, equal[v.label], v.plan, v.info))
     return out

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from remat.errors import RematError
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile
-from remat.planning.simulate import simulate
-from remat.planning.strategies import frontier, solve
+from remat.planning.solve import frontier, solve
 
 __all__ = ["plot_frontier"]
 
@@ -33,7 +32,7 @@ def plot_frontier(profile: Profile, path: str, *, highlight: Plan | None = None,
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RematError("remat.plot_frontier: plotting needs matplotlib: pip install 'remat[plot]'") from e
 
-    base = simulate(profile, solve(profile, None, strategy="none")).time_s
+    base = solve(profile, None, strategy="none").time_s
     points = frontier(profile)
     top = max(p.peak_bytes for p in points)
     unit, scale = ("GiB", 2**30) if top >= 2**30 else ("MiB", 2**20)
