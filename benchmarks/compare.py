@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 import remat
 import remat.app.zoo
 from remat.app.compare import Variant, plan_variant, run_variants
-from remat.planning.strategies import min_feasible_plan
+from remat.planning.solve import min_feasible_plan
 from remat.units import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import remat
-from remat.planning.strategies import min_feasible_plan
+from remat.planning.solve import min_feasible_plan
 from remat.units import format_bytes
 
 transformers.logging.set_verbosity_error()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.models import TupleNet, cnn, hf, mlp
 
 import remat
-from remat.planning.strategies import min_feasible_plan
+from remat.planning.solve import min_feasible_plan
 from remat.units import format_bytes
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import remat
-from remat.planning.strategies import min_feasible_plan
+from remat.planning.solve import min_feasible_plan
 
 from .models import hf
 
@@ -49,7 +49,7 @@ def test_auto_replaces_the_models_own_checkpointing_and_restores_use_cache():
     model.config.use_cache = True
     model.gradient_checkpointing_enable()
     remat.auto(model, inputs, budget=0.9, repeats=1)
-    assert not remat.runtime.model.hf_checkpointing_active(model)
+    assert not remat.runtime.hf.checkpointing_active(model)
     assert model.config.use_cache is False
     remat.remove(model)
     assert model.config.use_cache is True

@@ -88,7 +88,7 @@ def test_blocks_with_different_arguments_cannot_share_regions():
     torch.manual_seed(0)
     prof = remat.profile(Alternating(6), {"x": torch.randn(4, 16), "mask": torch.ones(4, 32)}, repeats=1)
     assert [s.joins_previous for s in prof.stages[1:-1]] == [False] * 6
-    smallest = remat.planning.strategies.min_feasible_plan(prof).peak_bytes
+    smallest = remat.planning.solve.min_feasible_plan(prof).peak_bytes
     for plan in [solve(prof, None, strategy="every"), solve(prof, smallest)]:
         assert all(r.stop - r.start == 1 for r in plan.regions())
 

@@ -22,7 +22,7 @@ from torch import nn
 
 import remat
 from remat import InfeasibleBudgetError, Profile, RematError, simulate, solve
-from remat.planning.strategies import min_feasible_plan
+from remat.planning.solve import min_feasible_plan
 
 from .zoo_models import ZOO, filed_reproducer
 

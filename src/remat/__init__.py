@@ -19,10 +19,12 @@ from remat.errors import (
     ProfileError,
     RematError,
 )
+from remat.planning.budget import Share, parse_budget, share
 from remat.planning.plan import Plan, Prediction, Record, Region
 from remat.planning.profile import Profile, Stage
 from remat.planning.simulate import simulate
-from remat.planning.strategies import frontier, parse_budget, register_strategy, solve, strategies
+from remat.planning.solve import frontier, solve
+from remat.planning.strategies import register_strategy, strategies
 from remat.units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
@@ -41,6 +43,7 @@ __all__ = [
     "Record",
     "Region",
     "RematError",
+    "Share",
     "Stage",
     "apply",
     "auto",
@@ -54,6 +57,7 @@ __all__ = [
     "profile",
     "register_strategy",
     "remove",
+    "share",
     "simulate",
     "solve",
     "strategies",

@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from remat.errors import RematError
 from remat.planning import optimal as _optimal
@@ -375,17 +375,3 @@ def _auto(profile: Profile, budget_bytes: int | None, *, slots: int = 500) -> Se
 # solve, frontier and min_feasible_plan moved to remat.planning.solve, which imports this module; they
 # stay importable from here until every caller imports them from there. This lazy import is a cycle
 # (tests/test_architecture.py names it): remove it once no caller needs it.
-_MOVED_TO_SOLVE = ("solve", "frontier", "min_feasible_plan")
-
-if TYPE_CHECKING:
-    from remat.planning.solve import frontier as frontier
-    from remat.planning.solve import min_feasible_plan as min_feasible_plan
-    from remat.planning.solve import solve as solve
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_SOLVE:
-        import remat.planning.solve
-
-        return getattr(remat.planning.solve, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat.planning.budget import Budget
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
-from remat.planning.strategies import Budget, solve
+from remat.planning.solve import solve
 from remat.runtime.executor import apply
 from remat.runtime.profiler import profile
 from remat.units import format_bytes
@@ -69,7 +70,7 @@ def auto(
 def _log_summary(prof: Profile, plan: Plan) -> None:
     none = simulate(prof, solve(prof, None, strategy="none"))
     p = plan.prediction
-    blocks = [prof.names[k] for k, s in enumerate(prof.stages) if s.kind == "block"]
+    blocks = [prof.names[k] for k in prof.block_indices()]
     log.info(
         "remat.auto: %d stages (%s%s); budget %s; predicted peak %s vs %s without checkpointing;"
         " +%.1f%% step time (strategy %s, %d regions)",

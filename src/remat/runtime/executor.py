@@ -74,16 +74,9 @@ def is_applied(model: nn.Module) -> bool:
     return _state(model) is not None
 
 
-def _block_indices(plan: Plan) -> list[int]:
-    kinds = getattr(plan, "stage_kinds", None)  # TRANSITIONAL
-    if kinds:
-        return [k for k, kind in enumerate(kinds) if kind == "block"]
-    return [k for k, n in enumerate(plan.stage_names) if not n.startswith("<")]
-
-
 def _blocks(model: nn.Module, plan: Plan) -> dict[int, nn.Module]:
     blocks: dict[int, nn.Module] = {}
-    for k in _block_indices(plan):
+    for k in plan.block_indices():
         name = plan.stage_names[k]
         try:
             blocks[k] = model.get_submodule(name)
@@ -136,8 +129,7 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True, check_mode
         raise PlanError(f"remat.apply: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise PlanError(f"remat.apply: expected a remat.Plan, got {type(plan).__name__}")
-    if hasattr(plan, "validate"):  # TRANSITIONAL
-        plan.validate()
+    plan.validate()
     if is_applied(model):
         remove(model)
     blocks = _blocks(model, plan)

@@ -26,8 +26,8 @@ from torch import nn
 
 from remat.errors import ProfileError, RematError
 from remat.planning.plan import Item, Record, Region
-from remat.planning.simulate import simulate
 from remat.planning.profile import Profile, Stage
+from remat.planning.simulate import simulate
 from remat.runtime.measure import MemoryTracker, reset_grads
 from remat.runtime.model import (
     GLUE,
@@ -833,6 +833,7 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list
         repeats=repeats,
         fingerprint=fingerprint,
         head_residual_bytes=residual + held,
+        input_shapes=tuple(input_shapes_of),
         safety_fraction=0.002,
         meta={
             "model": type(model).__name__,
@@ -840,7 +841,6 @@ def _assemble(*, model: nn.Module, inputs_bytes: int, input_shapes_of: list[list
             "measured_peak_bytes": peak,
             "carry_shapes": [list(s) if s else None for s in full.shapes],
             "flops": sum(e.flops for e in full.events),
-            "input_shapes": input_shapes_of,
             "params_numel": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "estimated_times": device == "meta",
         },
