@@ -48,7 +48,7 @@ def test_auto_replaces_the_models_own_checkpointing_and_restores_use_cache():
     inputs.pop("use_cache")
     model.config.use_cache = True
     model.gradient_checkpointing_enable()
-    remat.auto(model, inputs, budget=0.9, repeats=1)
+    remat.auto(model, inputs, budget="100%", repeats=1)
     assert not remat.runtime.hf.checkpointing_active(model)
     assert model.config.use_cache is False
     remat.remove(model)
