@@ -106,7 +106,7 @@ def test_unrecognised_models_get_a_clear_error():
         remat.profile(Plain(), torch.randn(2, 4))
     with pytest.raises(ProfileError, match=r"'c', which is not a submodule"):
         remat.profile(Plain(), torch.randn(2, 4), stages=["a", "c"])
-    with pytest.raises(ProfileError, match="did not each run once, in order|did not run before stage"):
+    with pytest.raises(ProfileError, match=r"did not each run once, in order|did not run before stage"):
         remat.profile(Plain(), torch.randn(2, 4), stages=["b", "a"])
 
 
