@@ -64,7 +64,8 @@ class Region:
 Item = Union[Record, Region]  # noqa: UP007 - a runtime alias, used before 3.10's X | Y in isinstance
 
 
-def _span(item: Item) -> tuple[int, int]:
+def item_span(item: Item) -> tuple[int, int]:
+    """``(start, stop)``: the stages ``start … stop-1`` an item covers."""
     return (item.stage, item.stage + 1) if isinstance(item, Record) else (item.start, item.stop)
 
 
@@ -91,7 +92,7 @@ def validate_items(items: Sequence[Item], start: int, stop: int, checkpointable:
             raise PlanError(f"{label}: {it!r} is not a remat.Record or remat.Region")
         _check_ints(it, label)
         label = f"{label} ({it.describe()})"
-        a, b = _span(it)
+        a, b = item_span(it)
         if a < start or b > stop:
             outside = "the plan's" if where == "plan" else "its region's"
             raise PlanError(f"{label} is outside {outside} {_stages(start, stop)}")

@@ -31,8 +31,8 @@ _STATE = "_remat_state"
 class _Applied:
     """What :func:`apply` installed: the plan, its runner, what it changed on a transformers model."""
 
-    def __init__(self, plan: Plan, runner: Runner, hf_state: hf.HFState, check_inputs: bool) -> None:
-        self.plan, self.runner, self.hf_state, self.check_inputs = plan, runner, hf_state, check_inputs
+    def __init__(self, plan: Plan, runner: Runner, hf_state: hf.HFState) -> None:
+        self.plan, self.runner, self.hf_state = plan, runner, hf_state
 
 
 class _InputCheck:
@@ -139,7 +139,7 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True, check_mode
     runner = Runner(model, blocks, plan.items, plan.stage_names).install()
     if check_inputs:
         model.register_forward_pre_hook(_InputCheck(plan), with_kwargs=True, prepend=True)
-    object.__setattr__(model, _STATE, _Applied(plan, runner, hf_state, check_inputs))
+    object.__setattr__(model, _STATE, _Applied(plan, runner, hf_state))
     return model
 
 

@@ -25,6 +25,11 @@ Rule 6. When the root forward returns, no region may be open (a block skipped at
     not called.
 Rule 7. Nothing happens while autograd does not record (``torch.no_grad()``, inference) or while the
     runner is suspended (profiling a planned model measures the plain model).
+
+Note: [torch.compile] The hooks are hidden from dynamo. Compiled blocks run the same graph in the first
+pass and in recomputation. A whole compiled model traces the model's loop into graphs that a
+recomputation (which calls the blocks one by one) does not run again; checkpoint's metadata check then
+stops the backward with an error.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from torch.utils.checkpoint import (
 )
 
 from remat.errors import PlanMismatchError
-from remat.planning.plan import Item, Record, Region
+from remat.planning.plan import Item, Region, item_span
 from remat.runtime.model import Extras, call_with_carry, carry_of, extras_of, same_extras, split_carry
 
 __all__ = ["Runner", "runner_of", "suspended"]
@@ -119,12 +124,7 @@ class _Frame:
 
 
 def _item_at(items: Sequence[Item], k: int) -> Item | None:
-    for it in items:
-        start = it.stage if isinstance(it, Record) else it.start
-        stop = it.stage + 1 if isinstance(it, Record) else it.stop
-        if start <= k < stop:
-            return it
-    return None
+    return next((it for it in items if item_span(it)[0] <= k < item_span(it)[1]), None)
 
 
 class Runner:
@@ -333,27 +333,9 @@ class _BlockPre:
     def __init__(self, runner: Runner, k: int) -> None:
         self.runner, self.k = runner, k
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.compiler.is_compiling():
-            _refuse_compile(self.runner)
-        _before_block(self.runner, self.k, module, args, kwargs)
-
-
-@torch.compiler.disable
-def _before_block(runner: Runner, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    runner.before_block(k, module, args, kwargs)
-
-
-def _refuse_compile(runner: Runner) -> None:
-    """Note: [torch.compile] Compiling a whole planned model traces the model's loop into graphs that
-    a recomputation (which calls the blocks one by one) does not run again; checkpoint's metadata check
-    would stop it in backward. Compiled blocks are fine: the same compiled graph runs in both passes."""
-    if runner.active:
-        raise PlanMismatchError(
-            "remat: torch.compile of a whole planned model is not supported: its recomputation would run other"
-            " graphs than the forward. Compile the blocks instead (before or after remat.apply):"
-            " model.get_submodule(name).compile() for each block named in remat.plan_of(model).stage_names"
-        )
+        self.runner.before_block(self.k, module, args, kwargs)
 
 
 class _BlockPost:
