@@ -15,11 +15,18 @@ stage may free) when ``pinned == LOOSE`` — and the gradient ``y_{l+1}`` (``x_{
     region:  cost[p, i, l, m] = Σ_{k=i}^{j-1} region_s_k + cost[LOOSE, j, l, m - x_j]
                                 + cost[PINNED, i, j-1, m - hold_{j-1}]
                  for j in i+1 … min(l, region_end[i]),  if m >= max(x_{l+1} + sweep[i, j],  x_j)
-    cost[p, i, l, m] = the smaller of the two;  answer: cost[PINNED, 0, L, S]
+    option:  cost[p, i, l, m] = uf_i + ub_i + r_{i,k} + cost[LOOSE, i+1, l, m - kept_{i,k}]
+                 if m >= max(x_{l+1} + kept_{i,k} + of_{i,k},  body_i,  kept_{i,k})
+                 for each selective option k of block i (i == l: uf_i + ub_i + r_{i,k})
+    cost[p, i, l, m] = the smallest of these;  answer: cost[PINNED, 0, L, S]
 
 ``keep[p, i]`` is what ``Record(i)`` holds while the rest of the range runs: ``xbar_i``, less the input it
 frees when the input is loose; ``sweep[i, j]`` the peak of the region's unrecorded first pass;
 ``region_end[i]`` how far a region starting at ``i`` may reach (checkpointable stages that join).
+An option (a :class:`remat.BlockOption`: block ``i`` in its own checkpoint with a selective policy)
+keeps ``kept_{i,k}`` bytes and adds ``r_{i,k}`` seconds; ``body_i`` is the peak of its backward, the
+record rebuilt (``max(x_{i+1} + xbar_i + of_i, x_i + x_{i+1} + xbar_i - released_i + extra_i + ob_i) +
+hold_i``, as :func:`remat.planning.simulate._selective` counts it).
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
 :attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to
@@ -38,14 +45,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from remat.planning.plan import Item, Record, Region
+from remat.planning.plan import Item, Record, Region, Selective
 from remat.planning.profile import Profile
 
 __all__ = ["LOOSE", "PINNED", "RECORD", "Table", "solve_table"]
 
 INF = float("inf")
 PINNED, LOOSE = 0, 1  # the first index of cost and decision: is the range's input held by the caller?
-RECORD = -1  # decision code: record stage i; 0 = infeasible; j > 0 = checkpoint region i..j-1
+RECORD = -1  # decision code: record stage i; 0 = infeasible; j > 0 = checkpoint region i..j-1;
+# OPTION - k (k >= 0): run stage i with its option k
+OPTION = -2
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float32]
@@ -65,6 +74,8 @@ class Table:
     width: int = 0  # the table's last slot index (>= slots when records can free more than they keep)
     # hold[l]: slots live while a region ending at l recomputes
     hold: Ints = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # options[i]: per option of stage i, (the Selective item that runs it, the slots it keeps)
+    options: tuple[tuple[tuple[Selective, int], ...], ...] = ()
 
     def feasible_slots(self) -> Ints:
         """Slot counts at which the whole chain is feasible."""
@@ -82,11 +93,15 @@ class Table:
             choice = int(self.decision[pinned, i, l, m])
             if choice == 0:
                 raise AssertionError(f"no feasible decision for stages {i}..{l} in {m} slots")
-            if choice == RECORD:
-                out.append(Record(i))
+            if choice <= RECORD:
+                item: Item = Record(i)
+                keep = int(self.keep[pinned, i])
+                if choice < RECORD:
+                    item, keep = self.options[i][OPTION - choice]
+                out.append(item)
                 if i == l:
                     return tuple(out)
-                m = min(self.width, m - int(self.keep[pinned, i]))
+                m = min(self.width, m - keep)
                 i += 1
             else:  # a region i..j-1, then the rest from j
                 j = choice
@@ -111,6 +126,16 @@ class _Chain:
     region_s_before: npt.NDArray[np.float64]  # Σ_{k<i} region_s_k: what regions add, per stage
     region_end: Ints  # regions starting at i may end before any j <= region_end[i]
     sweep: Ints  # sweep[i, j]: peak above held x_i of an unrecorded pass over i..j-1
+    body: Ints  # body[i]: the peak of a selective option's backward, its record rebuilt
+    options: tuple[tuple[_Option, ...], ...]  # per stage, its selective options in slots
+
+
+@dataclass(frozen=True)
+class _Option:
+    item: Selective
+    kept: int  # slots kept from the first pass to the backward, output included
+    of: int  # slots above kept during the first pass
+    extra_s: float  # recompute_s
 
 
 def _up(values: list[int], delta: int) -> Ints:
@@ -132,18 +157,29 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
     extra = _up([s.recompute_bwd_extra_bytes for s in st], delta)
     uf = np.array([s.fwd_s for s in st], dtype=np.float32)
     ub = np.array([s.bwd_s for s in st], dtype=np.float32)
+    of = _up([s.fwd_transient_bytes for s in st], delta)
+    ob = _up([s.bwd_transient_bytes for s in st], delta)
+    hold = _up([s.recompute_hold_bytes for s in st], delta)
+    body = np.maximum(x[1:] + xbar + of, x[:-1] + x[1:] + xbar - released + extra + ob) + hold
+    options = tuple(
+        tuple(_Option(Selective(i, o.name, o.save), -(-o.kept_bytes // delta), -(-o.fwd_transient_bytes // delta),
+                      o.recompute_s) for o in s.options)
+        for i, s in enumerate(st)
+    )
     return _Chain(
         x=x,
         xbar=xbar,
         keep=np.stack([xbar, xbar - freed]),
         margin=np.maximum(0, extra - released),
-        hold=_up([s.recompute_hold_bytes for s in st], delta),
-        of=_up([s.fwd_transient_bytes for s in st], delta),
-        ob=_up([s.bwd_transient_bytes for s in st], delta),
+        hold=hold,
+        of=of,
+        ob=ob,
         step_s=uf + ub,
         region_s_before=np.concatenate([[0.0], np.cumsum([s.region_s for s in st])]),
         region_end=region_ends(profile),
         sweep=_sweeps(x, _up([s.fwd_nograd_transient_bytes for s in st], delta)),
+        body=body,
+        options=options,
     )
 
 
@@ -190,8 +226,9 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
     for l in range(n):
         for i in range(l, -1, -1):
             dp.solve_range(i, l)
+    options = tuple(tuple((o.item, o.kept) for o in per) for per in chain.options)
     return Table(cost=dp.cost, decision=dp.decision, delta=delta, slots=budget, x=chain.x, keep=chain.keep,
-                 width=width, hold=chain.hold)
+                 width=width, hold=chain.hold, options=options)
 
 
 class _Solver:
@@ -214,6 +251,10 @@ class _Solver:
     def solve_range(self, i: int, l: int) -> None:
         """Fill ``cost[:, i, l]`` and ``decision[:, i, l]``; then the shifted copies later ranges read."""
         region, region_choice = self._best_region(i, l)
+        option, option_choice = self._best_option(i, l)
+        better = option < region
+        region = np.where(better, option, region)
+        region_choice = np.where(better, option_choice, region_choice)
         for pinned in (PINNED, LOOSE):
             record = self._record(pinned, i, l)
             better = region < record
@@ -245,21 +286,40 @@ class _Solver:
         choice = np.where(np.isfinite(region), js[best], 0).astype(np.int32)
         return region, choice
 
+    def _best_option(self, i: int, l: int) -> tuple[Floats, npt.NDArray[np.int32]]:
+        """Per slot count, the cheapest selective option of stage ``i`` followed by ``i+1 … l``, and its
+        decision code (0: none). The same whether ``x_i`` is pinned or loose: the checkpoint holds it."""
+        c, top = self.chain, self.width
+        best = np.full(top + 1, INF, dtype=np.float32)
+        choice = np.zeros(top + 1, dtype=np.int32)
+        for k, o in enumerate(c.options[i]):
+            needs = max(c.x[l + 1] + o.kept + o.of, int(c.body[i]), o.kept, 0)
+            cost = self._then_rest(i, l, needs, o.kept, np.float32(c.step_s[i] + np.float32(o.extra_s)))
+            better = cost < best
+            best = np.where(better, cost, best)
+            choice = np.where(better, OPTION - k, choice).astype(np.int32)
+        return best, choice
+
     def _record(self, pinned: int, i: int, l: int) -> Floats:
         """Per slot count, the cost of recording stage ``i`` and then processing ``i+1 … l``."""
-        c, top = self.chain, self.width
+        c = self.chain
         keep = int(c.keep[pinned, i])
         needs = max(c.x[l + 1] + c.xbar[i] + c.of[i], c.x[i] + c.x[i + 1] + keep + c.ob[i] + c.margin[i], keep, 0)
+        return self._then_rest(i, l, needs, keep, c.step_s[i])
+
+    def _then_rest(self, i: int, l: int, needs: int, keep: int, step_s: np.float32) -> Floats:
+        """Per slot count ``m >= needs``: ``step_s`` plus the cost of ``i+1 … l`` in ``m - keep`` slots."""
+        top = self.width
         record = np.full(top + 1, INF, dtype=np.float32)
         if needs > top:
             return record
         if i == l:
-            record[needs:] = c.step_s[i]
+            record[needs:] = step_s
             return record
         # record[m] = cost[LOOSE, i+1, l, min(top, m - keep)] + uf_i + ub_i, for m >= needs
         rest = self.cost[LOOSE, i + 1, l]
         if needs - keep <= top:
             record[needs : top + 1 - max(0, -keep)] = rest[needs - keep : top + 1 - max(0, keep)]
         record[max(needs, top + 1 + min(0, keep)) :] = rest[top]
-        record[needs:] += c.step_s[i]
+        record[needs:] += step_s
         return record

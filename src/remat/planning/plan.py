@@ -7,7 +7,10 @@ A plan is a sequence of items over the chain's stages ``0 … L``, in order:
 * :class:`Region` ``(start, stop, body)`` — a checkpoint region over stages ``start … stop-1``: the
   first pass runs them without keeping anything but the region's input ``x_start`` and its output;
   during backward the region is recomputed from ``x_start`` following ``body``, itself a sequence of
-  items over the same stages (so regions nest: multi-level recomputation).
+  items over the same stages (so regions nest: multi-level recomputation);
+* :class:`Selective` ``(i, option, save)`` — run block ``i`` in its own checkpoint with a selective
+  policy: the outputs of the ops in ``save`` are kept from the first pass, the block's other ops are
+  recomputed just before its backward (one of the block's profiled :class:`remat.BlockOption`).
 
 More actions (offloading a record to host memory, another way to run a stage) become more item types;
 the simulator and the executor dispatch on the type.
@@ -28,7 +31,7 @@ from remat.planning.profile import STAGE_KINDS, frozen
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["PLAN_FORMAT", "Item", "Plan", "Prediction", "Record", "Region", "validate_items"]
+__all__ = ["PLAN_FORMAT", "Item", "Plan", "Prediction", "Record", "Region", "Selective", "validate_items"]
 
 PLAN_FORMAT = "remat.Plan/1"
 
@@ -61,12 +64,28 @@ class Region:
         return f"region {self.start}..{self.stop - 1}"
 
 
-Item = Union[Record, Region]  # noqa: UP007 - a runtime alias, used before 3.10's X | Y in isinstance
+@dataclass(frozen=True)
+class Selective:
+    """Run block ``stage`` in its own checkpoint, keeping the outputs of the ops in ``save`` from the first
+    pass and recomputing the block's other ops before its backward (the stage's option ``option``)."""
+
+    stage: int
+    option: str
+    save: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": "selective", "stage": self.stage, "option": self.option, "save": list(self.save)}
+
+    def describe(self) -> str:
+        return f"selective {self.stage} ({self.option})"
+
+
+Item = Union[Record, Region, Selective]  # noqa: UP007 - a runtime alias, used before 3.10's X | Y in isinstance
 
 
 def item_span(item: Item) -> tuple[int, int]:
     """``(start, stop)``: the stages ``start … stop-1`` an item covers."""
-    return (item.stage, item.stage + 1) if isinstance(item, Record) else (item.start, item.stop)
+    return (item.start, item.stop) if isinstance(item, Region) else (item.stage, item.stage + 1)
 
 
 def _stages(a: int, b: int) -> str:
@@ -88,8 +107,8 @@ def validate_items(items: Sequence[Item], start: int, stop: int, checkpointable:
     pos, prev = start, ""
     for k, it in enumerate(items):
         label = f"{where} item {k}"
-        if not isinstance(it, (Record, Region)):
-            raise PlanError(f"{label}: {it!r} is not a remat.Record or remat.Region")
+        if not isinstance(it, (Record, Region, Selective)):
+            raise PlanError(f"{label}: {it!r} is not a remat.Record or remat.Region (nor a remat.Selective)")
         _check_ints(it, label)
         label = f"{label} ({it.describe()})"
         a, b = item_span(it)
@@ -102,16 +121,23 @@ def validate_items(items: Sequence[Item], start: int, stop: int, checkpointable:
             raise PlanError(f"{label} starts at stage {a}: {_stages(pos, a)} missing")
         if isinstance(it, Region):
             _check_region(it, label, checkpointable, joins_previous)
+        if isinstance(it, Selective) and not checkpointable[it.stage]:
+            raise PlanError(f"{label}: stage {it.stage} cannot be checkpointed, so it has no selective option")
         pos, prev = b, it.describe()
     if pos != stop:
         raise PlanError(f"{where}: items end at stage {pos - 1}; {_stages(pos, stop)} missing")
 
 
 def _check_ints(it: Item, label: str) -> None:
-    values = {"stage": it.stage} if isinstance(it, Record) else {"start": it.start, "stop": it.stop}
+    values = {"start": it.start, "stop": it.stop} if isinstance(it, Region) else {"stage": it.stage}
     for key, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int):
             raise PlanError(f"{label}: {key}={v!r} must be an int")
+    if isinstance(it, Selective):
+        if not isinstance(it.option, str) or not it.option:
+            raise PlanError(f"{label}: option={it.option!r} must be a non-empty str")
+        if not isinstance(it.save, tuple) or not all(isinstance(op, str) and op for op in it.save):
+            raise PlanError(f"{label}: save={it.save!r} must be a tuple of op names such as 'aten.mm.default'")
     if isinstance(it, Region) and not isinstance(it.body, tuple):
         raise PlanError(f"{label}: body={it.body!r} must be a tuple of items")
 
@@ -242,9 +268,11 @@ class Plan:
 
     def actions(self) -> list[str]:
         """Per stage, what the plan does with it: ``keep``, ``checkpoint`` (region start, input stored),
-        or ``recompute`` (inside a region)."""
+        ``recompute`` (inside a region), or ``selective <option>``."""
         acts = ["keep"] * len(self.stage_names)
         for it in self.items:
+            if isinstance(it, Selective):
+                acts[it.stage] = f"selective {it.option}"
             if isinstance(it, Region):
                 acts[it.start] = "checkpoint"
                 for k in range(it.start + 1, it.stop):
@@ -373,7 +401,8 @@ def _check_fields(plan: Plan) -> None:
 _PLAN_KEYS = ("format", "strategy", "budget_bytes", "stage_names", "items", "prediction")
 _PLAN_OPTIONAL = ("fingerprint", "options", "input_shapes", "stage_kinds")
 _PREDICTION_KEYS = ("peak_bytes", "fwd_s", "bwd_s", "recompute_s", "forwards", "held_bytes", "fixed_bytes")
-_ITEM_KEYS = {"record": ("op", "stage"), "region": ("op", "start", "stop", "body")}
+_ITEM_KEYS = {"record": ("op", "stage"), "region": ("op", "start", "stop", "body"),
+              "selective": ("op", "stage", "option", "save")}
 
 
 def _keys(d: Any, required: Sequence[str], optional: Sequence[str], where: str) -> dict[str, Any]:
@@ -413,10 +442,16 @@ def _item_from_dict(d: Any, where: str) -> Item:
         raise PlanError(f"{where}: expected an object like {{'op': 'record', 'stage': 3}}, got {d!r}")
     op = d.get("op")
     if op not in _ITEM_KEYS:
-        raise PlanError(f"{where}: unknown operation {op!r}; expected 'record' or 'region'")
+        raise PlanError(f"{where}: unknown operation {op!r}; expected 'record' or 'region' (or 'selective')")
     _keys(d, _ITEM_KEYS[op], (), where)
     if op == "record":
         return Record(_int(d["stage"], f"{where}: stage", minimum=0))
+    if op == "selective":
+        option = d["option"]
+        if not isinstance(option, str):
+            raise PlanError(f"{where}: option={option!r} must be a str")
+        save = _strings(d["save"], f"{where}: save")
+        return Selective(_int(d["stage"], f"{where}: stage", minimum=0), option, save)
     start = _int(d["start"], f"{where}: start", minimum=0)
     stop = _int(d["stop"], f"{where}: stop", minimum=0)
     label = f"{where} (region {start}..{stop - 1}), body"

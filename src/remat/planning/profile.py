@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from remat.errors import ProfileError
+from remat.errors import PlanError, ProfileError
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["STAGE_KINDS", "Profile", "Stage", "frozen"]
+__all__ = ["STAGE_KINDS", "BlockOption", "Profile", "Stage", "frozen"]
 
 #: What a stage is: what runs before the first block, a block, code the model runs between two blocks
 #: (measured as a stage of its own, never checkpointed), or what runs after the last block (loss included).
@@ -29,6 +29,46 @@ def frozen(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(frozen(v) for v in value)
     return value
+
+
+@dataclass(frozen=True)
+class BlockOption:
+    """One way to run a block inside its own checkpoint with a selective policy (PyTorch's selective
+    activation checkpointing): the outputs of the ops in ``save`` are kept from the first pass, every
+    other op of the block is recomputed before its backward.
+
+    Attributes:
+        name: a short label, unique among the block's options (``"sac"``, ``"matmul"``, ``"cut2"``).
+        save: the ops whose outputs are kept, as ``"aten.addmm.default"`` (every call of the op in the
+            block's forward) or ``"aten.addmm.default#2"`` (its third call only).
+        kept_bytes: bytes the block holds from its first pass until its backward, its output included
+            (the option's ``xbar_bytes``; the block's input is held by the checkpoint).
+        recompute_s: what the option adds to the step: the recomputation of the ops it does not save,
+            and the policy's own overhead.
+        fwd_transient_bytes: peak above ``kept_bytes`` while the block's first pass runs.
+    """
+
+    name: str
+    save: tuple[str, ...]
+    kept_bytes: int
+    recompute_s: float
+    fwd_transient_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "save", tuple(self.save))
+        if not isinstance(self.name, str) or not self.name:
+            raise ProfileError(f"BlockOption: name={self.name!r} must be a non-empty str")
+        if not all(isinstance(op, str) and op for op in self.save):
+            raise ProfileError(f"BlockOption {self.name!r}: save={self.save!r} must hold op names such as"
+                               " 'aten.mm.default' or 'aten.mm.default#2'")
+        for f in ("kept_bytes", "fwd_transient_bytes"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ProfileError(f"BlockOption {self.name!r}: {f}={v!r} must be a non-negative int of bytes")
+        r = self.recompute_s
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0:
+            raise ProfileError(f"BlockOption {self.name!r}: recompute_s={r!r} must be a non-negative number of"
+                               " seconds")
 
 
 @dataclass(frozen=True)
@@ -68,6 +108,8 @@ class Stage:
         fwd_region_s: what putting the stage in a checkpoint region adds to the step: its unrecorded
             first pass plus its recomputation beyond a recorded forward (measured with every block its
             own region); None: ``fwd_s``, one more forward.
+        options: ways to run the block in its own checkpoint with a selective policy (blocks only; see
+            :class:`BlockOption`); empty when not profiled.
     """
 
     name: str
@@ -88,13 +130,27 @@ class Stage:
     recompute_bwd_extra_bytes: int = 0
     recompute_hold_bytes: int = 0
     fwd_region_s: float | None = None
+    options: tuple[BlockOption, ...] = ()
 
     @property
     def region_s(self) -> float:
         """Seconds a checkpoint region adds per pass over this stage."""
         return self.fwd_s if self.fwd_region_s is None else self.fwd_region_s
 
+    def option(self, name: str) -> BlockOption:
+        """The option called ``name``.
+
+        Raises:
+            PlanError: the stage has no such option (the message lists those it has).
+        """
+        for o in self.options:
+            if o.name == name:
+                return o
+        have = ", ".join(repr(o.name) for o in self.options) or "none (profile it with remat.add_options)"
+        raise PlanError(f"stage {self.name!r} has no option {name!r}; its options: {have}")
+
     def __post_init__(self) -> None:
+        self._check_options()
         for f in (
             "x_bytes",
             "xbar_bytes",
@@ -126,6 +182,18 @@ class Stage:
                 f"Stage {self.name!r}: a {self.kind} stage cannot be checkpointed (only blocks can);"
                 " pass checkpointable=False"
             )
+
+    def _check_options(self) -> None:
+        """Options read from JSON arrive as dicts: made into :class:`BlockOption` here, then checked."""
+        options = tuple(BlockOption(**o) if isinstance(o, dict) else o for o in self.options)
+        object.__setattr__(self, "options", options)
+        names = [o.name for o in options if isinstance(o, BlockOption)]
+        if len(names) != len(options):
+            raise ProfileError(f"Stage {self.name!r}: options={self.options!r} must be BlockOptions")
+        if len(set(names)) != len(names):
+            raise ProfileError(f"Stage {self.name!r}: option names {names} repeat; give each a unique name")
+        if options and not self.checkpointable:
+            raise ProfileError(f"Stage {self.name!r}: only a checkpointable block can have options")
 
 
 @dataclass(frozen=True)

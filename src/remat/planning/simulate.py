@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from remat.planning.plan import Item, Plan, Prediction, Record, Region
+from remat.planning.plan import Item, Plan, Prediction, Record, Region, Selective
 from remat.planning.profile import Profile
 
 __all__ = ["simulate", "sweep_bytes"]
@@ -43,6 +43,8 @@ def _seq(profile: Profile, items: Sequence[Item], reserve: int, top: bool = True
             step = _record(profile, item.stage, reserve, pinned=pos == 0, top=top)
         elif isinstance(item, Region):
             step = _region(profile, item, reserve)
+        elif isinstance(item, Selective):
+            step = _selective(profile, item, reserve)
         else:
             raise TypeError(f"simulate: unknown plan item {item!r}")
         time_rest = step.time_s + time_rest + step.time_after_s
@@ -91,9 +93,33 @@ def _region(profile: Profile, item: Region, reserve: int) -> _Step:
     return _Step(time_sweep, max(sweep, peak_body), x_j, time_body)
 
 
+def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
+    """``Selective(i, option)``: a recording forward that keeps the option's bytes (its output and the
+    outputs of the ops it saves); the checkpoint holds the block's input. After the rest, the block is
+    recomputed (its record rebuilt, as in a one-block region's body) and its backward runs.
+
+    Note: [Selective items] The backward side is the one-block region's body, ``Record(i)`` inside a
+    recomputation with the gradient ``y_{i+1}`` as its reserve, plus ``recompute_hold_i``: the record is
+    whole again while the backward runs. Time: one recorded forward, the backward, and the option's
+    ``recompute_s``.
+    """
+    i = item.stage
+    s = profile.stages[i]
+    option = s.option(item.option)
+    x_out = profile.output_bytes(i)
+    forward = reserve + option.kept_bytes + option.fwd_transient_bytes
+    rebuild = x_out + s.xbar_bytes + s.fwd_transient_bytes
+    backward = (s.x_bytes + x_out + s.xbar_bytes - s.output_released_bytes + s.recompute_bwd_extra_bytes
+                + s.bwd_transient_bytes)
+    body = max(rebuild, backward) + s.recompute_hold_bytes
+    return _Step(s.fwd_s + s.bwd_s + option.recompute_s, max(forward, body), option.kept_bytes)
+
+
 def _forwards(items: Sequence[Item], counts: list[int]) -> None:
     for it in items:
-        if isinstance(it, Record):
+        if isinstance(it, Selective):
+            counts[it.stage] += 2  # the first pass and the (partial) recomputation
+        elif isinstance(it, Record):
             counts[it.stage] += 1
         else:
             for k in range(it.start, it.stop):
@@ -126,6 +152,8 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     for pos, it in enumerate(items):
         if isinstance(it, Record):
             held[it.stage] = st[it.stage].xbar_bytes - (st[it.stage].input_freed_bytes if pos > 0 else 0)
+        elif isinstance(it, Selective):
+            held[it.stage] = st[it.stage].option(it.option).kept_bytes
         else:
             held[it.stop - 1] = profile.output_bytes(it.stop - 1)
     fwd = sum(s.fwd_s for s in st)

@@ -1,0 +1,156 @@
+"""Selective options per block: planned jointly with regions (exact against exhaustive search), carried
+through JSON, and run with exactly the plain model's gradients."""
+
+import copy
+import dataclasses
+import random
+from functools import cache
+
+import pytest
+
+from remat import Plan, PlanError, Profile, ProfileError, Record, Region, simulate, solve
+from remat.planning import optimal as _optimal
+from remat.planning.plan import Selective
+from remat.planning.profile import BlockOption
+from remat.planning.solve import make_plan, min_feasible_peak
+
+
+def chain_with_options(n, seed, options_per_block=2, calibrated=False):
+    """A random chain whose blocks (all but the head) have selective options between record and region.
+
+    ``calibrated``: with the recomputation terms the DP charges on the safe side (so it is not exact)."""
+    rng = random.Random(seed)
+    base = Profile.from_lists(
+        [rng.randint(1, 10) for _ in range(n)],
+        [rng.randint(4, 30) for _ in range(n - 1)] + [0],
+        [rng.uniform(0.5, 2.0) for _ in range(n)],
+        [rng.uniform(1.0, 4.0) for _ in range(n)],
+        fwd_transient_bytes=[rng.randint(0, 5) for _ in range(n)],
+        fwd_nograd_transient_bytes=[rng.randint(0, 5) for _ in range(n)],
+        bwd_transient_bytes=[rng.randint(0, 6) for _ in range(n)],
+        fixed_bytes=5,
+    )
+    stages = []
+    for k, s in enumerate(base.stages):
+        extra = {"recompute_hold_bytes": rng.randint(0, 3)}
+        if calibrated:
+            extra |= {"recompute_bwd_extra_bytes": rng.randint(0, 3), "output_released_bytes": rng.randint(0, 2)}
+        if s.checkpointable:
+            opts = tuple(
+                BlockOption(f"opt{j}", (f"aten.mm.default#{j}",), rng.randint(1, s.xbar_bytes),
+                            rng.uniform(0.05, 1.0) * s.fwd_s, rng.randint(0, 4))
+                for j in range(options_per_block)
+            )
+            extra["options"] = opts
+            extra["input_freed_bytes"] = rng.randint(0, s.x_bytes) if k > 0 else 0
+        stages.append(dataclasses.replace(s, **extra))
+    return dataclasses.replace(base, stages=tuple(stages))
+
+
+def all_plans(profile):
+    """Every plan of the DP's space: Record(i), Selective(i, option) or Region(i..j-1) (j <= l) then the
+    rest, a region's body any plan of its stages; regions nest freely."""
+    st = profile.stages
+
+    def heads(i):
+        yield Record(i)
+        for o in st[i].options:
+            yield Selective(i, o.name, o.save)
+
+    @cache
+    def plans(i, l):
+        out = [(h,) for h in heads(i)] if i == l else [(h, *rest) for h in heads(i) for rest in plans(i + 1, l)]
+        for j in range(i + 1, l + 1):
+            if all(st[k].checkpointable for k in range(i, j)):
+                out += [(Region(i, j, body), *rest) for body in plans(i, j - 1) for rest in plans(j, l)]
+        return tuple(out)
+
+    return plans(0, len(st) - 1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_optimal_with_options_equals_exhaustive_search(seed):
+    """Sizes are small ints, so one memory slot is one byte: the DP is exact and must match."""
+    p = chain_with_options(4 + seed % 2, seed)
+    plans = all_plans(p)
+    preds = [(simulate(p, items), items) for items in plans]
+    none = simulate(p, solve(p, None, strategy="none")).peak_bytes
+    low = min(pred.peak_bytes for pred, _ in preds)
+    chose_option = False
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        budget = int(low + share * (none - low))
+        ref = min(pred.time_s for pred, _ in preds if pred.peak_bytes <= budget)
+        act = budget - p.base_bytes
+        table = _optimal.solve_table(p, act, slots=act)
+        assert table.delta == 1
+        cost = float(table.cost[_optimal.PINNED, 0, -1, act])
+        items = table.items(act)
+        pred = simulate(p, items)
+        assert pred.peak_bytes <= budget
+        assert pred.time_s == pytest.approx(cost, rel=1e-5)  # the DP's value is the plan's simulated time
+        assert cost == pytest.approx(ref, rel=1e-5), (seed, share)
+        chose_option |= any(isinstance(it, Selective) for it in _flatten(items))
+    if seed < 4:
+        assert chose_option or seed % 2  # options are really chosen on these chains
+
+
+def _flatten(items):
+    for it in items:
+        yield it
+        if isinstance(it, Region):
+            yield from _flatten(it.body)
+
+
+def test_some_random_chain_plans_an_option_inside_a_region():
+    found = False
+    for seed in range(40):
+        p = chain_with_options(5, seed, calibrated=True)
+        none = simulate(p, solve(p, None, strategy="none")).peak_bytes
+        low = min_feasible_peak(p)
+        for share in (0.1, 0.3, 0.5):
+            plan = solve(p, int(low + share * (none - low)))
+            found |= any(isinstance(it, Region) and any(isinstance(b, Selective) for b in _flatten(it.body))
+                         for it in plan.items)
+    assert found
+
+
+def test_solve_never_slower_with_options_and_ignores_them_when_absent():
+    for seed in range(6):
+        p = chain_with_options(6, seed, calibrated=True)
+        bare = dataclasses.replace(p, stages=tuple(dataclasses.replace(s, options=()) for s in p.stages))
+        none = simulate(bare, solve(bare, None, strategy="none")).peak_bytes
+        low = min_feasible_peak(bare)
+        for share in (0.0, 0.3, 0.6, 0.9):
+            budget = int(low + share * (none - low))
+            without = solve(bare, budget)
+            with_options = solve(p, budget)
+            assert with_options.time_s <= without.time_s + 1e-9
+            assert not any(isinstance(it, Selective) for it in _flatten(without.items))
+
+
+def test_options_and_selective_items_round_trip_through_json():
+    p = chain_with_options(5, 3)
+    assert Profile.from_json(p.to_json()) == p
+    items = (Selective(0, "opt1", p.stages[0].options[1].save), Region(1, 3, (Record(1), Selective(2, "opt0", ("a",)))),
+             Record(3), Record(4))
+    plan = make_plan(p, items, strategy="hand", budget_bytes=None)
+    back = Plan.from_json(plan.to_json())
+    assert back.items == plan.items
+    assert "selective opt1" in str(plan)
+
+
+def test_malformed_options_and_items_are_refused_with_the_fix():
+    p = chain_with_options(3, 0)
+    with pytest.raises(PlanError, match=r"has no option 'nope'.*opt0"):
+        simulate(p, (Selective(0, "nope", ("aten.mm.default",)), Record(1), Record(2)))
+    with pytest.raises(PlanError, match="cannot be checkpointed"):
+        make_plan(p, (Record(0), Record(1), Selective(2, "opt0", ("x",))), strategy="s", budget_bytes=None)
+    with pytest.raises(ProfileError, match="repeat"):
+        dataclasses.replace(p.stages[0], options=p.stages[0].options[:1] * 2)
+    with pytest.raises(ProfileError, match="kept_bytes"):
+        BlockOption("x", ("aten.mm.default",), -1, 0.0)
+    bad = Plan.from_json(make_plan(p, (Selective(0, "opt0", ("aten.mm.default",)), Record(1), Record(2)),
+                                   strategy="s", budget_bytes=None).to_json()).to_dict()
+    bad["items"][0]["save"] = [3]
+    with pytest.raises(PlanError, match="save"):
+        Plan.from_dict(copy.deepcopy(bad))
