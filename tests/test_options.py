@@ -7,6 +7,7 @@ import random
 from functools import cache
 
 import pytest
+import torch
 
 from remat import Plan, PlanError, Profile, ProfileError, Record, Region, simulate, solve
 from remat.planning import optimal as _optimal
@@ -154,3 +155,94 @@ def test_malformed_options_and_items_are_refused_with_the_fix():
     bad["items"][0]["save"] = [3]
     with pytest.raises(PlanError, match="save"):
         Plan.from_dict(copy.deepcopy(bad))
+
+
+# ---- runtime ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_with_options():
+    import remat
+    from remat.runtime.ops import add_options
+
+    from .models import hf
+
+    torch.manual_seed(0)
+    model, inputs = hf("gpt2")  # dropout on
+    prof = add_options(remat.profile(model, inputs, repeats=1), model, inputs, repeats=1)
+    return model, inputs, prof
+
+
+def _grads(model, inputs, seed=0):
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    model(**inputs).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _hand_plans(prof):
+    """Every block with each of its options; options nested in regions; an option beside a region."""
+    blocks = prof.block_indices()
+    first = prof.stages[blocks[0]]
+    assert first.options and all(prof.stages[b].options == first.options for b in blocks)  # identical blocks share
+
+    def sel(i, o):
+        return Selective(i, o.name, o.save)
+
+    def plan(fill):
+        return tuple(fill(i) if i in blocks else Record(i) for i in range(len(prof.stages)))
+
+    out = [plan(lambda i, o=o: sel(i, o)) for o in first.options]
+    a, b, c, d = blocks[:4]
+    o = first.options[0]
+    nested = Region(a, c, (sel(a, o), Region(b, c, (sel(b, o),))))
+    out.append((*map(Record, range(a)), nested, sel(c, o), Region(d, d + 1, (Record(d),)),
+                *map(Record, range(d + 1, len(prof.stages)))))
+    return out
+
+
+def test_options_run_with_exactly_the_plain_gradients_and_the_predicted_peak(gpt2_with_options):
+    import remat
+
+    model, inputs, prof = gpt2_with_options
+    ref = _grads(copy.deepcopy(model), inputs)
+    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    low = min_feasible_peak(prof)
+    none = simulate(prof, solve(prof, None, strategy="none")).peak_bytes
+    # Option times measured on a model this small are mostly the policy's Python overhead: made cheap here
+    # so that the DP picks options (what is checked is how they run).
+    cheap = dataclasses.replace(prof, stages=tuple(
+        dataclasses.replace(s, options=tuple(dataclasses.replace(o, recompute_s=0.1 * s.region_s) for o in s.options))
+        for s in prof.stages))
+    solved = [solve(cheap, low + (none - low) * k // 4) for k in range(1, 4)]
+    plans = [make_plan(prof, items, strategy="hand", budget_bytes=None) for items in _hand_plans(prof)] + solved
+    assert any(isinstance(it, Selective) for p in solved for it in _flatten(p.items))  # the DP picks options
+    offset = None  # what the profile over-counts for every plan (the no-checkpointing plan's error)
+    for plan in [solve(prof, None, strategy="none"), *plans]:
+        remat.apply(model, plan)
+        got = _grads(model, inputs)
+        m = remat.measure(lambda: model(**inputs).loss.backward(), model=model, inputs=tensors, repeats=0)
+        remat.remove(model)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), ([it.describe() for it in plan.items], k)
+        offset = plan.peak_bytes - m.peak_bytes if offset is None else offset
+        assert abs(plan.peak_bytes - m.peak_bytes - offset) <= 0.005 * plan.peak_bytes, (plan.items, plan.peak_bytes,
+                                                                                         m.peak_bytes, offset)
+        if plan.budget_bytes is not None:
+            assert m.peak_bytes <= plan.budget_bytes
+
+
+def test_option_profile_facts(gpt2_with_options):
+    """Options keep less than a record, their policies name real ops, and the model is left untouched."""
+    _model, _inputs, prof = gpt2_with_options
+    for i in prof.block_indices():
+        s = prof.stages[i]
+        for o in s.options:
+            assert 0 < o.kept_bytes < s.xbar_bytes
+            assert o.recompute_s > 0
+            assert all(op.startswith("aten.") for op in o.save)
+        names = [o.name for o in s.options]
+        assert "sac" in names
+    assert Profile.from_json(prof.to_json()) == prof

@@ -25,6 +25,12 @@ Rule 6. When the root forward returns, no region may be open (a block skipped at
     not called.
 Rule 7. Nothing happens while autograd does not record (``torch.no_grad()``, inference) or while the
     runner is suspended (profiling a planned model measures the plain model).
+Rule 8. A :class:`remat.planning.plan.Selective` item is a one-block region whose checkpoint runs
+    with the item's policy (PyTorch's selective checkpointing): the outputs of the ops it names are
+    kept from the first pass, the block's other ops are recomputed before its backward. In the first
+    pass of an enclosing region it is a plain one-block region: that pass keeps nothing for the block's
+    backward, and a policy's cache would stay alive, unused, until the first pass's graph is freed
+    (the enclosing checkpoint needs the same nesting in its first pass and in its recomputation).
 
 Note: [torch.compile] The hooks are hidden from dynamo. Compiled blocks run the same graph in the first
 pass and in recomputation. A whole compiled model traces the model's loop into graphs that a
@@ -49,8 +55,9 @@ from torch.utils.checkpoint import (
 )
 
 from remat.errors import PlanMismatchError
-from remat.planning.plan import Item, Region, item_span
+from remat.planning.plan import Item, Record, Region, Selective, item_span
 from remat.runtime.model import Extras, call_with_carry, carry_of, extras_of, same_extras, split_carry
+from remat.runtime.ops import selective_contexts
 
 __all__ = ["Runner", "runner_of", "suspended"]
 
@@ -192,6 +199,9 @@ class Runner:
         while isinstance(item, Region):
             self._enter(item, module, args, kwargs)
             item = _item_at(item.body, k)
+        if isinstance(item, Selective):  # a one-block region whose checkpoint keeps the option's outputs (Rule 8)
+            in_first_pass = bool(self.frames) and self.frames[-1].first_pass
+            self._enter(Region(k, k + 1, (Record(k),)), module, args, kwargs, save=None if in_first_pass else item.save)
 
     def after_block(self, k: int, out: Any) -> None:
         if not self.active:
@@ -223,11 +233,12 @@ class Runner:
                            f" open: block {self.names[frame.next]} was not called (skipped, or an early exit)")
 
     # ---- regions ------------------------------------------------------------------------------------
-    def _enter(self, region: Region, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _enter(self, region: Region, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               save: tuple[str, ...] | None = None) -> None:
         _, key = split_carry(module, args, kwargs)
         extras = extras_of(args, kwargs, key)
         mods = [m for c in range(region.start, region.stop) for m in self.norms.get(c, [])]
-        context_fn = (lambda: (contextlib.nullcontext(), _RestoreNormStats(mods))) if mods else None
+        context_fn = _context_fn(mods, save)
         options = {"context_fn": context_fn} if context_fn is not None else {}
         rng: dict[int, tuple[torch.Tensor, Any]] = {}
         gen = _checkpoint_without_reentrant_generator(
@@ -308,6 +319,43 @@ class Runner:
 
     def reset(self) -> None:
         self._close(0)
+
+
+class _Both:
+    """Two context managers entered as one (a selective policy's recompute mode and the norm statistics)."""
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self) -> None:
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(*sys.exc_info())
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
+
+
+def _context_fn(mods: Sequence[nn.Module], save: tuple[str, ...] | None) -> Callable[[], tuple[Any, Any]] | None:
+    """A region's checkpoint contexts: a :class:`remat.planning.plan.Selective` item's policy (Note [Block
+    options] in :mod:`remat.runtime.ops`), and norm statistics restored after each recomputation."""
+    if not mods and save is None:
+        return None
+
+    def make() -> tuple[Any, Any]:
+        if save is None:
+            forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
+        else:
+            forward, recompute = selective_contexts(save)
+        return forward, (_Both(recompute, _RestoreNormStats(mods)) if mods else recompute)
+
+    return make
 
 
 def _generator_flags(context_fn: Callable[[], tuple[Any, Any]] | None = None) -> tuple[Any, ...]:

@@ -1,0 +1,421 @@
+"""Selective options per block: what each op of a block keeps and costs, and a few ways to run the block
+in its own checkpoint keeping some op outputs (PyTorch's selective activation checkpointing, SAC).
+
+Note: [Block options]
+1. The inputs of every block are captured by forward pre-hooks in one forward of the model without
+   autograd; identical blocks (same class, parameter shapes, argument shapes and values) are profiled
+   once and share their options.
+2. A block's recording forward runs under :class:`OpRecorder`: per op (the ops SAC's policy sees, in the
+   same order), the bytes of the storages it creates, its time, whether it draws random numbers, works
+   in place, returns a view, or has its output written in place later, and how much of its output
+   autograd saves (``saved_tensors_hooks`` attribute each saved storage to the op that made it).
+3. An op may be saved only if it creates new memory and is neither random (a saved random op would
+   shift the random draws of the ops recomputed after it: every random op is recomputed, in order, from
+   the restored RNG state), in place, a view, nor written in place later (SAC refuses a cached output
+   that changed). Candidates: SAC's usual policy (matmuls and attention), matmuls only, and greedy cuts
+   of the savable ops ranked by recompute seconds per byte.
+4. Each candidate is run as it will run in a plan — the block in a non-reentrant checkpoint with the
+   policy — under :class:`remat.MemoryTracker` (the bytes it keeps, its forward peak, exact), and timed
+   against the block's plain forward and backward, interleaved; its ``recompute_s`` is the median
+   difference, never less than the time of the ops it recomputes. Dominated options are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+from torch.utils.weak import WeakIdKeyDictionary
+
+from remat.errors import ProfileError
+from remat.planning.profile import BlockOption, Profile
+from remat.runtime.measure import MemoryTracker
+from remat.runtime.model import as_call, carry_of, find_stages, split_carry, tensors_in
+
+__all__ = ["SAC_OPS", "OpRecord", "SavePolicy", "add_options", "block_ops", "selective_contexts"]
+
+#: The ops PyTorch's usual SAC policy saves: matmuls and attention.
+MATMUL_OPS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"})
+SAC_OPS = MATMUL_OPS | frozenset({
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+    "aten.convolution.default",
+})
+
+
+class SavePolicy:
+    """The SAC policy of an option: ``MUST_SAVE`` for the ops in ``save`` (``"aten.mm.default"``: every
+    call; ``"aten.mm.default#2"``: the third call), ``PREFER_RECOMPUTE`` for the rest. Calls are counted
+    from the block's start: one policy per checkpoint (see :func:`selective_contexts`)."""
+
+    def __init__(self, save: Sequence[str]) -> None:
+        self.every = frozenset(s for s in save if "#" not in s)
+        self.some = frozenset(s for s in save if "#" in s)
+        self.counts: dict[tuple[bool, str], int] = defaultdict(int)
+
+    def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        name = str(func)
+        key = (bool(getattr(ctx, "is_recompute", False)), name)
+        n = self.counts[key]
+        self.counts[key] = n + 1
+        if name in self.every or f"{name}#{n}" in self.some:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts(save: Sequence[str]) -> tuple[Any, Any]:
+    """``(forward, recompute)`` contexts of a checkpoint that keeps the outputs of the ops in ``save``."""
+    return create_selective_checkpoint_contexts(SavePolicy(save))
+
+
+@dataclass
+class OpRecord:
+    """One op of a block's forward, as :class:`OpRecorder` saw it."""
+
+    name: str  # "aten.addmm.default"
+    occurrence: int  # its calls before this one in the block's forward
+    out_bytes: int  # bytes of the storages it created
+    time_s: float
+    random: bool
+    inplace: bool
+    view: bool  # it created no storage but returned tensors (a view or an in-place result)
+    mutated: bool = False  # an in-place op wrote into its output later
+    saved_bytes: int = 0  # bytes of its output autograd saved
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}#{self.occurrence}"
+
+    @property
+    def savable(self) -> bool:
+        return self.out_bytes > 0 and not (self.random or self.inplace or self.view or self.mutated)
+
+
+def _storage(t: torch.Tensor) -> Any:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+class OpRecorder(TorchDispatchMode):
+    """Lists the ops of a forward with their new bytes, time and flags (Note [Block options], 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[OpRecord] = []
+        self.producer: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.counts: dict[str, int] = defaultdict(int)
+        self.saved: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in SAC_IGNORED_OPS:
+            return func(*args, **kwargs)
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        name = str(func)
+        inputs = {id(s) for s in map(_storage, tensors_in((args, kwargs))) if s is not None}
+        outs = [s for s in map(_storage, [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+                if s is not None]
+        fresh = {id(s): s for s in outs if id(s) not in inputs and s not in self.producer}
+        inplace = bool(func._schema.is_mutable)
+        rec = OpRecord(name, self.counts[name], sum(s.nbytes() for s in fresh.values()), elapsed,
+                       torch.Tag.nondeterministic_seeded in func.tags, inplace, bool(outs) and not fresh)
+        self.counts[name] += 1
+        for s in fresh.values():
+            self.producer[s] = len(self.ops)
+        if inplace:
+            for s in outs:
+                if s in self.producer:
+                    self.ops[self.producer[s]].mutated = True
+        self.ops.append(rec)
+        return out
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``saved_tensors_hooks`` pack: credit the saved storage to the op that made it, once."""
+        s = _storage(t)
+        if s is not None and s in self.producer and s not in self.saved:
+            self.saved[s] = True
+            self.ops[self.producer[s]].saved_bytes += s.nbytes()
+        return t
+
+
+# ---- one block ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BlockCall:
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def fresh(self) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+        """The captured call with a new leaf hidden state that requires grad."""
+        carry, key = split_carry(self.module, self.args, self.kwargs)
+        if not isinstance(carry, torch.Tensor):
+            raise ProfileError(f"remat.add_options: block {type(self.module).__name__} does not take a tensor"
+                               " hidden state; it cannot have selective options")
+        x = carry.detach().clone().requires_grad_(carry.is_floating_point())
+        if key == 0:
+            return (x, *self.args[1:]), dict(self.kwargs), x
+        return tuple(self.args), {**self.kwargs, key: x}, x
+
+
+def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | None) -> None:
+    """The block's forward and backward (plain, or in a checkpoint with ``context_fn``); no ``.grad``
+    is touched (``autograd.grad``)."""
+    args, kwargs, x = call.fresh()
+    if context_fn is None:
+        out = call.module(*args, **kwargs)
+    else:
+        out = checkpoint(call.module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    y = carry_of(out)
+    wrt = [x, *(p for p in call.module.parameters() if p.requires_grad)]
+    torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
+
+
+def block_ops(call: _BlockCall, repeats: int) -> list[OpRecord]:
+    """The ops of the block's recording forward (times: medians of ``repeats`` runs)."""
+    runs: list[list[OpRecord]] = []
+    for _ in range(max(1, repeats)):
+        args, kwargs, _x = call.fresh()
+        rec = OpRecorder()
+        with rec, torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+            out = call.module(*args, **kwargs)
+        del out
+        runs.append(rec.ops)
+    first = runs[0]
+    if any([o.key for o in r] != [o.key for o in first] for r in runs):
+        raise ProfileError(f"remat.add_options: block {type(call.module).__name__} ran different ops in two"
+                           " identical forwards; it cannot have selective options")
+    for k, op in enumerate(first):
+        op.time_s = statistics.median(r[k].time_s for r in runs)
+    return first
+
+
+def _compact(chosen: Sequence[OpRecord], ops: Sequence[OpRecord]) -> tuple[str, ...]:
+    """``save`` entries: an op's bare name when every call of it is chosen, ``name#k`` otherwise."""
+    keys = {o.key for o in chosen}
+    out: list[str] = []
+    for name in dict.fromkeys(o.name for o in chosen):
+        calls = [o.key for o in ops if o.name == name]
+        out += [name] if all(c in keys for c in calls) else [c for c in calls if c in keys]
+    return tuple(out)
+
+
+def candidates(ops: Sequence[OpRecord], cuts: Sequence[float] = (0.25, 0.5, 0.75)) -> dict[str, tuple[str, ...]]:
+    """Named save sets (Note [Block options], 3), distinct and non-empty."""
+    savable = [o for o in ops if o.savable]
+    out = {
+        "sac": _compact([o for o in savable if o.name in SAC_OPS], ops),
+        "matmul": _compact([o for o in savable if o.name in MATMUL_OPS], ops),
+    }
+    ranked = sorted(savable, key=lambda o: o.time_s / o.out_bytes, reverse=True)
+    total = sum(o.out_bytes for o in ranked)
+    for share in cuts:
+        taken, size = [], 0
+        for o in ranked:
+            if size >= share * total:
+                break
+            taken.append(o)
+            size += o.out_bytes
+        out[f"cut{round(100 * share)}"] = _compact(taken, ops)
+    seen: set[frozenset[str]] = set()
+    unique = {}
+    for name, save in out.items():
+        if save and frozenset(save) not in seen:
+            seen.add(frozenset(save))
+            unique[name] = save
+    return unique
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """An option as measured on one block: raw bytes (the plain record's too) and seconds."""
+
+    name: str
+    save: tuple[str, ...]
+    kept_bytes: int
+    fwd_transient_bytes: int
+    recompute_s: float
+
+
+def _kept(call: _BlockCall, save: tuple[str, ...] | None) -> tuple[int, int]:
+    """``(kept, forward peak above kept)`` of the block's first pass: plain (``save`` None) or in a
+    checkpoint with the option's policy, measured by storage tracking (the input is not counted)."""
+    args, kwargs, _x = call.fresh()
+    with MemoryTracker() as t:
+        if save is None:
+            out = call.module(*args, **kwargs)
+        else:
+            out = checkpoint(call.module, *args, use_reentrant=False, context_fn=_context_fn(save), **kwargs)
+        kept, peak = t.live_bytes, t.peak_bytes
+    del out
+    return kept, peak - kept
+
+
+def _context_fn(save: tuple[str, ...]) -> Callable[[], tuple[Any, Any]]:
+    return lambda: selective_contexts(save)
+
+
+def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, float]:
+    """Per option, the median time of the block's forward and backward with it, less the plain one's
+    (runs interleaved, after one untimed run of each)."""
+    runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None)]
+    runs += [(name, _context_fn(save)) for name, save in saves.items()]
+    samples: dict[str, list[float]] = defaultdict(list)
+    for rep in range(max(1, repeats) + 1):
+        for name, fn in runs:
+            start = time.perf_counter()
+            _grad_step(call, fn)
+            if rep:
+                samples[name].append(time.perf_counter() - start)
+    base = statistics.median(samples[""])
+    return {name: statistics.median(samples[name]) - base for name in saves}
+
+
+def _pareto(measured: list[_Measured], record_kept: int) -> list[_Measured]:
+    """Options no other option (nor the plain record: ``record_kept`` bytes, no extra time) dominates."""
+    keep = []
+    for o in measured:
+        if o.kept_bytes >= record_kept:
+            continue
+        if any(p is not o and p.kept_bytes <= o.kept_bytes and p.recompute_s <= o.recompute_s
+               and (p.kept_bytes, p.recompute_s) != (o.kept_bytes, o.recompute_s) for p in measured):
+            continue
+        keep.append(o)
+    return sorted(keep, key=lambda o: o.kept_bytes)
+
+
+def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> tuple[int, list[_Measured]]:
+    """``(plain record's kept bytes, the block's Pareto options)``."""
+    ops = block_ops(call, repeats)
+    saves = candidates(ops, cuts)
+    record_kept, _ = _kept(call, None)
+    extra = _extra_times(call, saves, repeats)
+    measured = []
+    for name, save in saves.items():
+        kept, transient = _kept(call, save)
+        keys, names = set(save), {s for s in save if "#" not in s}
+        recomputed = sum(o.time_s for o in ops if o.key not in keys and o.name not in names)
+        measured.append(_Measured(name, save, kept, transient, max(extra[name], recomputed)))
+    return record_kept, _pareto(measured, record_kept)
+
+
+# ---- the model -----------------------------------------------------------------------------------------
+
+
+def _capture(model: nn.Module, example_inputs: Any, blocks: Sequence[tuple[str, nn.Module]]) -> dict[str, _BlockCall]:
+    """Each block's first call in one forward of the model without autograd (Note [Block options], 1)."""
+    calls: dict[str, _BlockCall] = {}
+    handles = []
+    for name, mod in blocks:
+
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+            calls.setdefault(name, _BlockCall(m, tuple(args), dict(kwargs)))
+
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    args, kwargs = as_call(example_inputs)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _signature(call: _BlockCall) -> str:
+    """Same for blocks that run the same ops on the same sizes: class, structure, parameters, arguments."""
+    m = call.module
+    parts = [type(m).__qualname__, repr(m)]
+    parts += [f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in m.named_parameters()]
+    for where, value in [*enumerate(call.args), *call.kwargs.items()]:
+        tensors = tensors_in(value)
+        shown = [f"{tuple(t.shape)}:{t.dtype}" for t in tensors] if tensors else [repr(value)]
+        parts.append(f"{where}={shown}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+class _Untouched:
+    """Restores the RNG and the blocks' buffers (running statistics) after the options are measured."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.buffers = [b for m in modules for b in m.buffers()]
+        self.devices = sorted({b.device.index or 0 for m in modules for b in m.parameters() if b.is_cuda})
+        self.saved: list[torch.Tensor] = []
+        self.rng: Any = None
+
+    def __enter__(self) -> None:
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self.rng = torch.random.fork_rng(devices=self.devices)
+        self.rng.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.rng.__exit__(*exc)
+        with torch.no_grad():
+            for b, v in zip(self.buffers, self.saved):
+                b.copy_(v)
+
+
+def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages: Sequence[str] | None = None,
+                repeats: int = 3, cuts: Sequence[float] = (0.25, 0.5, 0.75)) -> Profile:
+    """``prof`` with selective options on its blocks (:attr:`remat.Stage.options`), measured on ``model``.
+
+    Args:
+        prof: the model's profile (from :func:`remat.profile` with the same ``stages``).
+        model, example_inputs: as given to :func:`remat.profile`; the model is left as it was (its
+            parameters' ``.grad``, buffers and the RNG untouched).
+        stages: explicit block names, as given to :func:`remat.profile`.
+        repeats: timed runs per figure (medians, interleaved).
+        cuts: the greedy cuts to try, as shares of the block's savable bytes.
+
+    Each option's ``kept_bytes`` is the stage's ``xbar_bytes`` less what the option saves over a plain
+    record, both measured the same way (Note [Block options], 4).
+
+    Raises:
+        ProfileError: ``repeats`` below 1, or a block that cannot have options (no tensor hidden state,
+            different ops in two identical forwards).
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
+    blocks, _ = find_stages(model, stages)
+    index = {name: i for i, name in enumerate(prof.names)}
+    calls = _capture(model, example_inputs, blocks)
+    shared: dict[str, tuple[int, list[_Measured]]] = {}
+    new = list(prof.stages)
+    with _Untouched([m for _, m in blocks]):
+        for name, _mod in blocks:
+            i = index.get(name)
+            if i is None or not new[i].checkpointable or name not in calls:
+                continue
+            sig = _signature(calls[name])
+            if sig not in shared:
+                shared[sig] = _block_options(calls[name], repeats, cuts)
+            record_kept, measured = shared[sig]
+            xbar = new[i].xbar_bytes
+            options = tuple(BlockOption(o.name, o.save, max(0, xbar - (record_kept - o.kept_bytes)), o.recompute_s,
+                                        o.fwd_transient_bytes) for o in measured)
+            new[i] = dataclasses.replace(new[i], options=options)
+    meta = {**prof.meta, "options_profiled_blocks": len(shared)}
+    return dataclasses.replace(prof, stages=tuple(new), meta=meta)
