@@ -20,7 +20,7 @@ from torch import nn
 from remat.errors import PlanError, PlanMismatchError
 from remat.planning.plan import Plan
 from remat.runtime import hf
-from remat.runtime.model import describe_input_mismatch, input_shapes, model_signature
+from remat.runtime.model import describe_input_mismatch, inner_name, input_shapes, model_signature, unwrap
 from remat.runtime.regions import Runner, runner_of
 
 __all__ = ["apply", "is_applied", "plan_of", "remove"]
@@ -57,7 +57,7 @@ class _InputCheck:
 
 
 def _state(model: nn.Module) -> _Applied | None:
-    state = model.__dict__.get(_STATE)
+    state = unwrap(model).__dict__.get(_STATE)
     return state if isinstance(state, _Applied) else None
 
 
@@ -79,7 +79,7 @@ def _blocks(model: nn.Module, plan: Plan) -> dict[int, nn.Module]:
     for k in plan.block_indices():
         name = plan.stage_names[k]
         try:
-            blocks[k] = model.get_submodule(name)
+            blocks[k] = unwrap(model).get_submodule(inner_name(model, name))
         except AttributeError:
             raise PlanMismatchError(
                 f"remat.apply: the plan names stage {name!r}, which {type(model).__name__} does not have;"
@@ -135,11 +135,12 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True, check_mode
     blocks = _blocks(model, plan)
     if check_model:
         _check_model(model, plan, blocks)
-    hf_state = hf.prepare(model, "remat.apply")
-    runner = Runner(model, blocks, plan.items, plan.stage_names).install()
+    target = unwrap(model)  # DistributedDataParallel calls the model it wraps: the plan goes there
+    hf_state = hf.prepare(target, "remat.apply")
+    runner = Runner(target, blocks, plan.items, plan.stage_names).install()
     if check_inputs:
-        model.register_forward_pre_hook(_InputCheck(plan), with_kwargs=True, prepend=True)
-    object.__setattr__(model, _STATE, _Applied(plan, runner, hf_state))
+        target.register_forward_pre_hook(_InputCheck(plan), with_kwargs=True, prepend=True)
+    object.__setattr__(target, _STATE, _Applied(plan, runner, hf_state))
     return model
 
 
@@ -149,10 +150,11 @@ def remove(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     state.runner.uninstall()
-    for hook_id, hook in list(model._forward_pre_hooks.items()):
+    target = unwrap(model)
+    for hook_id, hook in list(target._forward_pre_hooks.items()):
         if isinstance(hook, _InputCheck):
-            del model._forward_pre_hooks[hook_id]
-            model._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-    hf.restore(model, state.hf_state)
-    model.__dict__.pop(_STATE, None)
+            del target._forward_pre_hooks[hook_id]
+            target._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    hf.restore(target, state.hf_state)
+    target.__dict__.pop(_STATE, None)
     return model

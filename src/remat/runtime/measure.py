@@ -37,11 +37,54 @@ CATEGORIES = ("parameters", "gradients", "optimizer", "saved", "other")
 _FRESH = {torch.ops.aten.lift_fresh.default}
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    if type(t) not in _PLAIN:
+        local = getattr(t, "_local_tensor", None)  # a DTensor: this rank's shard is what it holds here
+        if isinstance(local, torch.Tensor):
+            t = local
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, some subclasses
         return None
+
+
+#: Trackers inside their ``with`` block, told about storages that FSDP2 resizes in place.
+_ACTIVE: list[MemoryTracker] = []
+#: Modules of FSDP2 that free and re-allocate unsharded parameters by resizing their storage in place
+#: (``storage.resize_(0)`` on reshard): no op is dispatched, so their helpers are wrapped while tracking.
+_RESIZERS = ("torch.distributed.fsdp._fully_shard._fsdp_param", "torch.distributed.fsdp._fully_shard._fsdp_param_group")
+_PATCHED: list[tuple[Any, str, Any]] = []
+
+
+def _notify_resized(fn: Any) -> Any:
+    def wrapper(tensor: torch.Tensor) -> None:
+        fn(tensor)
+        for tracker in _ACTIVE:
+            tracker.resized(tensor)
+
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _watch_resizes(on: bool) -> None:
+    """Wrap (or unwrap) FSDP2's ``alloc_storage`` / ``free_storage`` where they are loaded."""
+    import sys
+
+    if on and not _PATCHED:
+        for name in _RESIZERS:
+            module = sys.modules.get(name)
+            for attr in ("alloc_storage", "free_storage"):
+                fn = getattr(module, attr, None) if module is not None else None
+                if fn is not None:
+                    _PATCHED.append((module, attr, fn))
+                    setattr(module, attr, _notify_resized(fn))
+    elif not on:
+        while _PATCHED:
+            module, attr, fn = _PATCHED.pop()
+            setattr(module, attr, fn)
 
 
 class _Entry:
@@ -122,6 +165,47 @@ class MemoryTracker(TorchDispatchMode):
     def _release(self, entry: _Entry) -> None:
         self.live_bytes -= entry.nbytes
         self._live_by[entry.category] -= entry.nbytes
+
+    def resized(self, tensor: torch.Tensor) -> None:
+        """A storage was resized in place (FSDP2 frees an unsharded parameter with ``resize_(0)`` and
+        re-allocates it before the next all-gather): count its new size; a storage first seen growing
+        is counted as a parameter from now on."""
+        st = _storage(tensor)
+        if st is None:
+            return
+        entry = self._entries.get(st)
+        if entry is None:
+            if st.nbytes():
+                self._add(st, "parameters")
+            return
+        delta = st.nbytes() - entry.nbytes
+        entry.nbytes += delta
+        self.live_bytes += delta
+        self._live_by[entry.category] += delta
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.peak_breakdown = dict(self._live_by)
+
+    def __enter__(self) -> MemoryTracker:
+        _ACTIVE.append(self)
+        _watch_resizes(True)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._leave()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if not _ACTIVE:
+            _watch_resizes(False)
 
     def reserve(self, nbytes: int, category: str = "other") -> Callable[[], None]:
         """Count ``nbytes`` that no tensor holds yet (e.g. optimizer state still to be created) as live,
@@ -293,7 +377,10 @@ def reset_grads(model: torch.nn.Module | None, set_to_none: bool = False) -> Non
         if set_to_none:
             p.grad = None
         elif p.grad is not None:
-            p.grad.detach_()
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
+            else:  # as Optimizer.zero_grad: a view (DDP's gradient_as_bucket_view) cannot be detached in place
+                p.grad.requires_grad_(False)
             p.grad.zero_()
 
 

@@ -82,9 +82,49 @@ def describe_input_mismatch(actual: list[list[Any]], planned: list[list[Any]]) -
     return "; ".join(problems)
 
 
+#: Prefix that DistributedDataParallel adds to the names of the model it wraps.
+DDP_PREFIX = "module."
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a ``DistributedDataParallel`` wraps (its ``.module``); any other model as it is."""
+    while type(model).__name__ == "DistributedDataParallel":
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def inner_name(model: nn.Module, name: str) -> str:
+    """``name`` (a submodule of ``model``) as named inside :func:`unwrap` of it: DDP's prefix dropped."""
+    inner = model
+    while inner is not unwrap(inner):
+        inner = getattr(inner, "module")  # noqa: B009 - a DDP wrapper's model (unwrap checked it is a Module)
+        name = name[len(DDP_PREFIX):] if name.startswith(DDP_PREFIX) else name
+    return name
+
+
+def class_name(model: nn.Module) -> str:
+    """The model's class, as written: FSDP2's ``fully_shard`` swaps in a class ``FSDP<Name>`` made of
+    ``FSDPModule`` and the model's class; that one is named."""
+    cls = type(model)
+    while any(b.__name__ == "FSDPModule" for b in cls.__bases__):
+        rest = [b for b in cls.__bases__ if b.__name__ != "FSDPModule"]
+        if not rest:
+            break
+        cls = rest[0]
+    return cls.__qualname__
+
+
 def model_signature(model: nn.Module, stage_names: Sequence[str]) -> str:
-    """Class, parameter names/shapes/dtypes and stage names, as a short hash (device-independent)."""
-    parts = [type(model).__qualname__, *stage_names]
+    """Class, parameter names/shapes/dtypes and stage names, as a short hash (device-independent).
+
+    The same for a model, its ``DistributedDataParallel`` wrapper and the model after FSDP2's
+    ``fully_shard`` (a DTensor parameter counts by its global shape): one plan serves them all."""
+    stage_names = [inner_name(model, n) for n in stage_names]
+    model = unwrap(model)
+    parts = [class_name(model), *stage_names]
     parts += [f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in model.named_parameters()]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 

@@ -111,6 +111,31 @@ def _no_saving_between_blocks(name: str) -> Callable[[torch.Tensor], Any]:
     return pack
 
 
+def _reshard(block: nn.Module) -> None:
+    """Note: [FSDP2 in recomputation] FSDP2 does not reshard a block after a forward that runs during
+    backward, so a recomputed region would hold every one of its blocks' unsharded parameters until
+    their backward. A block recomputed before the region's last one is resharded at once (its backward
+    all-gathers it again): a rank then holds the unsharded parameters of the block that runs, as in
+    the first pass (docs/distributed.md)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    if module_type is not None and isinstance(block, module_type):
+        block.reshard()
+
+
+def _passed_on(carry: Any, handed: Any) -> bool:
+    """Whether ``carry`` is ``handed``, or an autograd alias of it made by a hook between the blocks (FSDP2's
+    pre-forward passes a block's inputs through an identity ``autograd.Function``): same memory, shape
+    and strides, and its ``grad_fn`` takes ``handed``'s as an input."""
+    if carry is handed:
+        return True
+    if not isinstance(carry, torch.Tensor) or not isinstance(handed, torch.Tensor) or carry.grad_fn is None:
+        return False
+    same = (carry.data_ptr() == handed.data_ptr() and carry.shape == handed.shape
+            and carry.stride() == handed.stride() and carry.dtype == handed.dtype)
+    return same and any(fn is handed.grad_fn for fn, _ in carry.grad_fn.next_functions)
+
+
 @dataclass
 class _Frame:
     """One level of the schedule being executed: an open region's first pass, or its recomputation."""
@@ -261,6 +286,8 @@ class Runner:
                     _set_rng_state(rng[k])
                 out = call_with_carry(self.blocks[k], carry, key, extras)
                 carry = carry_of(out)
+                if k < region.stop - 1:
+                    _reshard(self.blocks[k])
         finally:
             self._close(depth)
 
@@ -286,7 +313,7 @@ class Runner:
             guard.__exit__(None, None, None)
         carry, key = split_carry(module, args, kwargs)
         prev = self.names[k - 1]
-        if carry is not top.handed:
+        if not _passed_on(carry, top.handed):
             self._mismatch(f"block {self.names[k]} did not receive block {prev}'s output, but they share checkpoint"
                            f" region {self._span(top.region)}: the model's code between them changes the hidden state")
         if isinstance(carry, torch.Tensor) and carry._version != top.handed_version:
