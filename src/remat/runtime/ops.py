@@ -6,25 +6,29 @@ Note: [Block options]
    autograd; identical blocks (same class, parameter shapes, argument shapes and values) are profiled
    once and share their options.
 2. A block's recording forward runs under :class:`OpRecorder`: per op (the ops SAC's policy sees, in the
-   same order), the bytes of the storages it creates, its time, whether it draws random numbers, works
-   in place, returns a view, or has its output written in place later, and how much of its output
+   same order), the bytes of the storages it creates, its time, FLOPs and bytes moved, whether it drew
+   random numbers (the generator's state moved: attention with ``dropout_p=0`` draws none), works in
+   place, returns a view, or has its output written in place later, and how much of its output
    autograd saves (``saved_tensors_hooks`` attribute each saved storage to the op that made it).
 3. An op may be saved only if it creates new memory and is neither random (a saved random op would
    shift the random draws of the ops recomputed after it: every random op is recomputed, in order, from
    the restored RNG state), in place, a view, nor written in place later (SAC refuses a cached output
    that changed). Candidates: SAC's usual policy (matmuls and attention), matmuls only, and greedy cuts
-   of the savable ops ranked by recompute seconds per byte.
+   of the savable ops ranked by recompute seconds per byte (a roofline estimate from FLOPs and bytes
+   moved: the same ranking from every profile, where measured op times on a shared machine differ).
 4. Each candidate is run as it will run in a plan — the block in a non-reentrant checkpoint with the
    policy — under :class:`remat.MemoryTracker` (the bytes it keeps, its forward peak, exact), and timed
-   against the block's plain forward and backward, interleaved; its ``recompute_s`` is the median
-   difference, never less than the time of the ops it recomputes. Dominated options are dropped.
+   against the block's plain forward and backward, interleaved with a plain one-block checkpoint; its
+   ``recompute_s`` is the difference of the fastest runs (noise on a shared machine only adds time),
+   never less than the time of the ops it recomputes. The region's figure, measured the same way,
+   replaces the block's ``fwd_region_s`` (``region_times``), so that the planner weighs regions and
+   options on one scale. Dominated options are dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -40,6 +44,7 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
+    noop_context_fn,
 )
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -93,12 +98,18 @@ class OpRecord:
     name: str  # "aten.addmm.default"
     occurrence: int  # its calls before this one in the block's forward
     out_bytes: int  # bytes of the storages it created
-    time_s: float
-    random: bool
+    time_s: float  # the fastest of the timed runs
+    random: bool  # it drew random numbers (the generator moved)
     inplace: bool
     view: bool  # it created no storage but returned tensors (a view or an in-place result)
     mutated: bool = False  # an in-place op wrote into its output later
     saved_bytes: int = 0  # bytes of its output autograd saved
+    flops: float = 0.0
+    moved_bytes: int = 0  # bytes of its inputs and outputs
+
+    def estimate_s(self, flops_per_s: float = 5e10, bytes_per_s: float = 1e10, overhead_s: float = 5e-6) -> float:
+        """A roofline estimate of its time: deterministic, to rank ops (measured times rank by noise too)."""
+        return self.flops / flops_per_s + self.moved_bytes / bytes_per_s + overhead_s
 
     @property
     def key(self) -> str:
@@ -109,11 +120,33 @@ class OpRecord:
         return self.out_bytes > 0 and not (self.random or self.inplace or self.view or self.mutated)
 
 
+def _generator_states(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """What tells whether an op drew random numbers: the CPU generator's state, and each CUDA device's."""
+    cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    return (torch.random.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in cuda))
+
+
+def _moved(a: Any, b: Any) -> bool:
+    return any(not torch.equal(x, y) for x, y in zip(a, b))
+
+
 def _storage(t: torch.Tensor) -> Any:
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
+
+
+def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> float:
+    from torch.utils.flop_counter import flop_registry
+
+    fn = flop_registry.get(func._overloadpacket)
+    if fn is None:
+        return 0.0
+    try:
+        return float(fn(*args, **kwargs, out_val=out))
+    except Exception:  # a shape the counter does not handle: counted as moving bytes only
+        return 0.0
 
 
 class OpRecorder(TorchDispatchMode):
@@ -130,17 +163,22 @@ class OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in SAC_IGNORED_OPS:
             return func(*args, **kwargs)
+        in_tensors = tensors_in((args, kwargs))
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        before = _generator_states(in_tensors) if seeded else ()
         start = time.perf_counter()
         out = func(*args, **kwargs)
         elapsed = time.perf_counter() - start
         name = str(func)
-        inputs = {id(s) for s in map(_storage, tensors_in((args, kwargs))) if s is not None}
-        outs = [s for s in map(_storage, [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
-                if s is not None]
+        inputs = {id(s) for s in map(_storage, in_tensors) if s is not None}
+        out_tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outs = [s for s in map(_storage, out_tensors) if s is not None]
         fresh = {id(s): s for s in outs if id(s) not in inputs and s not in self.producer}
         inplace = bool(func._schema.is_mutable)
         rec = OpRecord(name, self.counts[name], sum(s.nbytes() for s in fresh.values()), elapsed,
-                       torch.Tag.nondeterministic_seeded in func.tags, inplace, bool(outs) and not fresh)
+                       seeded and _moved(before, _generator_states(in_tensors)), inplace, bool(outs) and not fresh,
+                       flops=_flops(func, args, kwargs, out),
+                       moved_bytes=sum(t.nbytes for t in in_tensors) + sum(t.nbytes for t in out_tensors))
         self.counts[name] += 1
         for s in fresh.values():
             self.producer[s] = len(self.ops)
@@ -209,7 +247,7 @@ def block_ops(call: _BlockCall, repeats: int) -> list[OpRecord]:
         raise ProfileError(f"remat.add_options: block {type(call.module).__name__} ran different ops in two"
                            " identical forwards; it cannot have selective options")
     for k, op in enumerate(first):
-        op.time_s = statistics.median(r[k].time_s for r in runs)
+        op.time_s = min(r[k].time_s for r in runs)
     return first
 
 
@@ -230,7 +268,7 @@ def candidates(ops: Sequence[OpRecord], cuts: Sequence[float] = (0.25, 0.5, 0.75
         "sac": _compact([o for o in savable if o.name in SAC_OPS], ops),
         "matmul": _compact([o for o in savable if o.name in MATMUL_OPS], ops),
     }
-    ranked = sorted(savable, key=lambda o: o.time_s / o.out_bytes, reverse=True)
+    ranked = sorted(savable, key=lambda o: o.estimate_s() / o.out_bytes, reverse=True)
     total = sum(o.out_bytes for o in ranked)
     for share in cuts:
         taken, size = [], 0
@@ -278,10 +316,16 @@ def _context_fn(save: tuple[str, ...]) -> Callable[[], tuple[Any, Any]]:
     return lambda: selective_contexts(save)
 
 
+#: The name under which :func:`_extra_times` reports a plain checkpoint of the block (a one-block region).
+REGION = "<region>"
+
+
 def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, float]:
-    """Per option, the median time of the block's forward and backward with it, less the plain one's
-    (runs interleaved, after one untimed run of each)."""
-    runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None)]
+    """Per option, and for a plain checkpoint (:data:`REGION`), the time of the block's forward and
+    backward with it less the plain block's: the fastest of ``repeats`` runs each, interleaved, after
+    one untimed run of each (on a shared machine, noise only adds time: the fastest run is the stable
+    figure)."""
+    runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None), (REGION, noop_context_fn)]
     runs += [(name, _context_fn(save)) for name, save in saves.items()]
     samples: dict[str, list[float]] = defaultdict(list)
     for rep in range(max(1, repeats) + 1):
@@ -290,8 +334,8 @@ def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: i
             _grad_step(call, fn)
             if rep:
                 samples[name].append(time.perf_counter() - start)
-    base = statistics.median(samples[""])
-    return {name: statistics.median(samples[name]) - base for name in saves}
+    base = min(samples[""])
+    return {name: min(samples[name]) - base for name, _ in runs[1:]}
 
 
 def _pareto(measured: list[_Measured], record_kept: int) -> list[_Measured]:
@@ -307,8 +351,16 @@ def _pareto(measured: list[_Measured], record_kept: int) -> list[_Measured]:
     return sorted(keep, key=lambda o: o.kept_bytes)
 
 
-def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> tuple[int, list[_Measured]]:
-    """``(plain record's kept bytes, the block's Pareto options)``."""
+@dataclass(frozen=True)
+class _BlockFigures:
+    record_kept: int  # bytes a plain record keeps, measured as the options' are
+    region_s: float  # what a one-block region adds, measured as the options' times are
+    options: list[_Measured]
+
+
+def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _BlockFigures:
+    """The block's Pareto options, with the plain record's bytes and a region's time beside them.
+    A time is never below that of the ops it must run again (a region: every op)."""
     ops = block_ops(call, repeats)
     saves = candidates(ops, cuts)
     record_kept, _ = _kept(call, None)
@@ -319,7 +371,8 @@ def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> tup
         keys, names = set(save), {s for s in save if "#" not in s}
         recomputed = sum(o.time_s for o in ops if o.key not in keys and o.name not in names)
         measured.append(_Measured(name, save, kept, transient, max(extra[name], recomputed)))
-    return record_kept, _pareto(measured, record_kept)
+    region_s = max(extra[REGION], sum(o.time_s for o in ops))
+    return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept))
 
 
 # ---- the model -----------------------------------------------------------------------------------------
@@ -379,7 +432,7 @@ class _Untouched:
 
 
 def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages: Sequence[str] | None = None,
-                repeats: int = 3, cuts: Sequence[float] = (0.25, 0.5, 0.75)) -> Profile:
+                repeats: int = 5, cuts: Sequence[float] = (0.25, 0.5, 0.75), region_times: bool = True) -> Profile:
     """``prof`` with selective options on its blocks (:attr:`remat.Stage.options`), measured on ``model``.
 
     Args:
@@ -387,8 +440,11 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
         model, example_inputs: as given to :func:`remat.profile`; the model is left as it was (its
             parameters' ``.grad``, buffers and the RNG untouched).
         stages: explicit block names, as given to :func:`remat.profile`.
-        repeats: timed runs per figure (medians, interleaved).
+        repeats: timed runs per figure (the fastest, interleaved).
         cuts: the greedy cuts to try, as shares of the block's savable bytes.
+        region_times: also set each block's ``fwd_region_s`` from the same runs as its options' times
+            (a plain one-block checkpoint against the plain block), so that the planner compares
+            regions and options on one scale.
 
     Each option's ``kept_bytes`` is the stage's ``xbar_bytes`` less what the option saves over a plain
     record, both measured the same way (Note [Block options], 4).
@@ -402,7 +458,7 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     blocks, _ = find_stages(model, stages)
     index = {name: i for i, name in enumerate(prof.names)}
     calls = _capture(model, example_inputs, blocks)
-    shared: dict[str, tuple[int, list[_Measured]]] = {}
+    shared: dict[str, _BlockFigures] = {}
     new = list(prof.stages)
     with _Untouched([m for _, m in blocks]):
         for name, _mod in blocks:
@@ -412,10 +468,10 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
             sig = _signature(calls[name])
             if sig not in shared:
                 shared[sig] = _block_options(calls[name], repeats, cuts)
-            record_kept, measured = shared[sig]
-            xbar = new[i].xbar_bytes
-            options = tuple(BlockOption(o.name, o.save, max(0, xbar - (record_kept - o.kept_bytes)), o.recompute_s,
-                                        o.fwd_transient_bytes) for o in measured)
-            new[i] = dataclasses.replace(new[i], options=options)
+            fig, xbar = shared[sig], new[i].xbar_bytes
+            options = tuple(BlockOption(o.name, o.save, max(0, xbar - (fig.record_kept - o.kept_bytes)), o.recompute_s,
+                                        o.fwd_transient_bytes) for o in fig.options)
+            region_s = fig.region_s if region_times else new[i].fwd_region_s
+            new[i] = dataclasses.replace(new[i], options=options, fwd_region_s=region_s)
     meta = {**prof.meta, "options_profiled_blocks": len(shared)}
     return dataclasses.replace(prof, stages=tuple(new), meta=meta)
