@@ -75,7 +75,9 @@ def test_per_rank_peak_within_budget_and_prediction(results: list[list[dict[str,
         measured, predicted = c["measured"], c["predicted"]
         if c["budget"] is not None:
             assert measured <= c["budget"], c
-        assert measured <= predicted <= 1.05 * measured, (c["case"], measured, predicted, predicted / measured)
+        # The same plan on one process, for a failure's message: the profile's own error there.
+        alone = f"one process: measured {c['alone_measured']}, predicted {c['alone_predicted']}"
+        assert measured <= predicted <= 1.05 * measured, (c["case"], measured, predicted, predicted / measured, alone)
 
 
 def test_fsdp_ranks_hold_shards(results: list[list[dict[str, Any]]]) -> None:

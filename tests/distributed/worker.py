@@ -132,6 +132,10 @@ def run_case(setup: Setup, name: str, how: str, order: str, plan_of: Callable[[A
     m = remat.measure(lambda: step(planned, ids), model=planned, inputs=ids, repeats=0)
     result.update(measured=m.peak_bytes, predicted=simulate(profile, plan).peak_bytes,
                   budget=plan.budget_bytes, strategy=plan.strategy, breakdown=m.breakdown)
+    alone = remat.apply(copy.deepcopy(setup.model), plan)  # the same plan on one process, for comparison
+    result.update(alone_measured=remat.measure(lambda: step(alone, ids), model=alone, inputs=ids,
+                                               repeats=0).peak_bytes,
+                  alone_predicted=simulate(setup.profile, plan).peak_bytes)
     return result
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from remat.errors import PlanError, PlanMismatchError, ProfileError, RematError
 from remat.planning.budget import Budget
 from remat.planning.plan import Plan
-from remat.planning.profile import Profile
+from remat.planning.profile import Profile, Stage
 from remat.runtime.model import inner_name, unwrap
 
 __all__ = ["ShardSizes", "broadcast_plan", "check_same_plan", "fsdp_profile", "fsdp_sizes", "plan_for_job"]
@@ -77,7 +77,15 @@ def _param_bytes(p: torch.Tensor, world_size: int) -> tuple[int, int]:
 
 def fsdp_sizes(model: nn.Module, stage_names: Sequence[str], world_size: int) -> ShardSizes:
     """Per-rank parameter bytes when every block named in ``stage_names`` (those that are submodules of
-    ``model``) and the root are each ``fully_shard``-ed over ``world_size`` ranks."""
+    ``model``) and the root are each ``fully_shard``-ed over ``world_size`` ranks.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10))  # float32
+    >>> sizes = fsdp_sizes(model, ["0"], 4)        # block "0"; the rest is the root's
+    >>> sizes.block_bytes["0"] == (64 * 64 + 64) * 4, sizes.root_bytes == (12 * 64 + 12) * 4  # 10 rows pad to 12
+    (True, True)
+    >>> sizes.sharded_bytes == (16 * 64 + 16 + 3 * 64 + 3) * 4
+    True
+    """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ProfileError(f"remat: world_size={world_size!r} must be an int >= 1 (the number of ranks)")
     inner = unwrap(model)
@@ -98,7 +106,7 @@ def fsdp_sizes(model: nn.Module, stage_names: Sequence[str], world_size: int) ->
     return ShardSizes(world_size, block_bytes, root, sharded, sharded_grads)
 
 
-def fsdp_profile(profile: Profile, model: nn.Module, world_size: int) -> Profile:
+def fsdp_profile(profile: Profile, model: nn.Module, world_size: int, *, optimizer: Any = None) -> Profile:
     """The per-rank profile of ``model`` under FSDP2 over ``world_size`` ranks (Note [Per-rank memory
     under FSDP2]).
 
@@ -107,16 +115,39 @@ def fsdp_profile(profile: Profile, model: nn.Module, world_size: int) -> Profile
             one rank's batch.
         model: that model, or the same model after ``fully_shard`` (its parameters' global shapes are read).
         world_size: ranks in the data-parallel group that shards the parameters.
+        optimizer: count this rank's shards of the optimizer state as fixed memory: a name (``"adamw"``)
+            or an optimizer class, as :func:`remat.runtime.optimizer.optimizer_state_bytes` takes.
 
     Returns:
         A profile whose fixed memory is this rank's shards (and the root's unsharded parameters and
-        gradients) and whose blocks carry FSDP2's unsharded parameters, gradients and buffers; plans
-        solved on it fit each rank's budget. ``meta["fsdp"]`` records the sizes used.
+        gradients, labelled in ``fixed_summary()``) and whose blocks carry FSDP2's unsharded parameters,
+        gradients and buffers; plans solved on it fit each rank's budget. ``meta["fsdp"]`` records the
+        sizes used.
     """
     if profile.meta.get("fsdp"):
         raise ProfileError("remat.fsdp_profile: this profile is per rank already; pass the profile of the"
                            " unsharded model")
     sizes = fsdp_sizes(model, profile.names, world_size)
+    grads = sizes.sharded_grad_bytes if profile.grads_bytes else 0
+    fixed = profile.fixed_bytes - profile.params_bytes - profile.grads_bytes + sizes.sharded_bytes + grads
+    meta = {**profile.meta, "fsdp": {"world_size": world_size, "block_bytes": sizes.block_bytes,
+                                     "root_bytes": sizes.root_bytes, "sharded_bytes": sizes.sharded_bytes}}
+    out = dataclasses.replace(profile, stages=_fsdp_stages(profile, sizes), fixed_bytes=max(0, fixed),
+                              params_bytes=sizes.sharded_bytes, grads_bytes=grads, meta=meta)
+    out = out.with_extra_fixed(2 * sizes.root_bytes, "root parameters and gradients unsharded")
+    if optimizer is not None:
+        from remat.runtime.optimizer import optimizer_state_bytes
+
+        full = optimizer_state_bytes(unwrap(model), optimizer)
+        trained = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                      if p.requires_grad)
+        out = out.with_extra_fixed(math.ceil(full * sizes.sharded_grad_bytes / max(1, trained)),
+                                   "optimizer state (this rank's shards)")
+    return out
+
+
+def _fsdp_stages(profile: Profile, sizes: ShardSizes) -> tuple[Stage, ...]:
+    """The stages with FSDP2's transient bytes added (Note [Per-rank memory under FSDP2])."""
     blocks = [i for i, s in enumerate(profile.stages) if s.kind == "block"]
     u = [sizes.block_bytes.get(profile.stages[i].name, 0) for i in blocks]
     stages = list(profile.stages)
@@ -130,16 +161,10 @@ def fsdp_profile(profile: Profile, model: nn.Module, world_size: int) -> Profile
             fwd_nograd_transient_bytes=s.fwd_nograd_transient_bytes + here,
             bwd_transient_bytes=s.bwd_transient_bytes + 2 * here + prefetched + reduce_buffer,
         )
-    head = stages[-1]
     if blocks:
+        head = stages[-1]
         stages[-1] = dataclasses.replace(head, bwd_transient_bytes=head.bwd_transient_bytes + u[-1])
-    grads = sizes.sharded_grad_bytes if profile.grads_bytes else 0
-    fixed = (profile.fixed_bytes - profile.params_bytes - profile.grads_bytes
-             + sizes.sharded_bytes + grads + 2 * sizes.root_bytes)
-    meta = {**profile.meta, "fsdp": {"world_size": world_size, "block_bytes": sizes.block_bytes,
-                                     "root_bytes": sizes.root_bytes, "sharded_bytes": sizes.sharded_bytes}}
-    return dataclasses.replace(profile, stages=tuple(stages), fixed_bytes=max(0, fixed),
-                               params_bytes=sizes.sharded_bytes, grads_bytes=grads, meta=meta)
+    return tuple(stages)
 
 
 # ---- one plan for the job -------------------------------------------------------------------------------
@@ -177,14 +202,14 @@ def check_same_plan(plan: Plan, *, group: Any = None) -> Plan:
     dist = _dist()
     if not isinstance(plan, Plan):
         raise PlanError(f"remat.check_same_plan: expected a remat.Plan, got {type(plan).__name__}")
-    mine = (_digest(json_items(plan)), plan.fingerprint)
+    mine = (_digest(_schedule_text(plan)), plan.fingerprint)
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     _raise_on_disagreement(everyone, "plans", "the same plan (make it once and broadcast it: remat.broadcast_plan)")
     return plan
 
 
-def json_items(plan: Plan) -> str:
+def _schedule_text(plan: Plan) -> str:
     """The plan's schedule and what it was made for, as text (budget, timings and strategy left out)."""
     d = plan.to_dict()
     return repr([d.get("items"), d.get("stage_names"), plan.fingerprint])
