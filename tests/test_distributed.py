@@ -5,6 +5,8 @@ prediction, and the prediction must be within 5% above the measurement."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
+from torch import nn
+
+import remat
+from remat.planning.solve import min_feasible_peak
+from remat.runtime.distributed import fsdp_profile, fsdp_sizes
+from remat.runtime.executor import is_applied
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 RANKS = 2
@@ -92,3 +101,96 @@ def test_disagreeing_ranks_raise_instead_of_hanging(results: list[list[dict[str,
         (case,) = [c for c in rank if c["case"] == "disagreement"]
         assert case["plans"] is not None and "ranks [0]" in case["plans"] and "ranks [1]" in case["plans"]
         assert case["profiles"] is not None and "input shapes" in case["profiles"]
+
+
+# ---- one process: the per-rank cost model, planning on meta, a DDP-style wrapper -------------------------------
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.out(torch.tanh(self.fc(x)))
+
+
+class _Net(nn.Module):
+    def __init__(self, d: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(16, d), nn.Linear(d, 1)
+        self.layers = nn.ModuleList(_Block(d) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h).pow(2).mean()
+
+
+class DistributedDataParallel(nn.Module):
+    """Named like torch's DDP and holding ``.module`` as it does: what remat looks for, on one process."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+def _net(**kw: int) -> _Net:
+    torch.manual_seed(0)
+    return _Net(**kw)
+
+
+def test_fsdp_profile_counts_shards_and_unsharded_blocks() -> None:
+    model, x = _net(), torch.randn(64, 16)
+    prof = remat.profile(model, x, repeats=1)
+    per_rank = fsdp_profile(prof, model, 4, optimizer="adamw")
+    sizes = fsdp_sizes(model, prof.names, 4)
+    assert per_rank.params_bytes == sizes.sharded_bytes < prof.params_bytes / 3
+    for plain, sharded in zip(prof.stages, per_rank.stages):
+        if plain.kind == "block":
+            u = sizes.block_bytes[plain.name]
+            assert u == sum(p.numel() * 4 for p in model.get_submodule(plain.name).parameters())
+            assert sharded.fwd_transient_bytes == plain.fwd_transient_bytes + u
+            assert sharded.bwd_transient_bytes >= plain.bwd_transient_bytes + 2 * u
+    summary = per_rank.fixed_summary()
+    assert "root parameters and gradients unsharded" in summary and "optimizer state" in summary
+    none = [remat.solve(p, strategy="none").peak_bytes for p in (prof, per_rank)]
+    assert none[1] < none[0]
+    with pytest.raises(remat.ProfileError, match="per rank already"):
+        fsdp_profile(per_rank, model, 4)
+    with pytest.raises(remat.ProfileError, match="sharded model"):
+        fsdp_profile(dataclasses.replace(prof, params_bytes=prof.params_bytes // 2), model, 4)
+    with pytest.raises(remat.ProfileError, match="world_size"):
+        fsdp_profile(prof, model, 0)
+
+
+def test_fsdp_planning_on_meta_for_a_model_no_rank_could_hold() -> None:
+    """A 4-block model of 4 x 256 MiB bf16 parameters, planned per rank for 8 ranks on the meta device."""
+    with torch.device("meta"):
+        model = _Net(d=4096).to(torch.bfloat16)
+        x = torch.randn(8, 512, 16, dtype=torch.bfloat16)
+    prof = remat.profile(model, x, device="meta", throughput="h100")
+    per_rank = fsdp_profile(prof, model, 8)
+    assert per_rank.params_bytes < prof.params_bytes / 7
+    low, high = min_feasible_peak(per_rank), remat.solve(per_rank, strategy="none").peak_bytes
+    plan = remat.solve(per_rank, (low + high) // 2)
+    assert plan.peak_bytes <= (low + high) // 2 < high and list(plan.regions())
+    assert high < min_feasible_peak(prof)  # one device would need more even with every block checkpointed
+
+
+def test_plans_see_through_a_ddp_wrapper() -> None:
+    model, x = _net(), torch.randn(64, 16)
+    ref, wrapped = copy.deepcopy(model), DistributedDataParallel(model)
+    plan = remat.solve(remat.profile(wrapped, x, repeats=1), strategy="sqrt")
+    assert plan.stage_names[1].startswith("module.") and any(r.stop - r.start > 1 for r in plan.regions())
+    remat.apply(wrapped, plan)
+    assert remat.plan_of(wrapped) is plan and remat.plan_of(model) is plan
+    ref(x).backward()
+    wrapped(x).backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ref.parameters(), model.parameters()))
+    remat.remove(wrapped)
+    assert not is_applied(model)
+    plain_plan = remat.solve(remat.profile(ref, x, repeats=1), strategy="sqrt")  # made without the wrapper
+    assert remat.plan_of(remat.apply(DistributedDataParallel(ref), plain_plan)) is plain_plan

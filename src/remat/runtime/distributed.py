@@ -128,6 +128,14 @@ def fsdp_profile(profile: Profile, model: nn.Module, world_size: int, *, optimiz
         raise ProfileError("remat.fsdp_profile: this profile is per rank already; pass the profile of the"
                            " unsharded model")
     sizes = fsdp_sizes(model, profile.names, world_size)
+    whole = sum(_param_bytes(p, 1)[1] for p in {id(p): p for p in unwrap(model).parameters()}.values())
+    if profile.params_bytes < whole:
+        raise ProfileError(
+            f"remat.fsdp_profile: the profile holds {profile.params_bytes:,} B of parameters, fewer than the model's"
+            f" {whole:,} B: it was made on a sharded model. Profile the model before fully_shard (or on"
+            " device='meta'): a profile of the sharded model sees FSDP2's hooks as code between the blocks,"
+            " which no region may span"
+        )
     grads = sizes.sharded_grad_bytes if profile.grads_bytes else 0
     fixed = profile.fixed_bytes - profile.params_bytes - profile.grads_bytes + sizes.sharded_bytes + grads
     meta = {**profile.meta, "fsdp": {"world_size": world_size, "block_bytes": sizes.block_bytes,
