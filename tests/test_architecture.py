@@ -46,17 +46,8 @@ def long_functions(limit: int) -> list[str]:
     return out
 
 
-#: Known debt, allowed to shrink and never to grow: the profiler's three longest functions, to be split
-#: into typed window records (docs/architecture.md). Any other function over the limit fails.
-KNOWN_LONG = {"profile": 62, "_profile": 113, "_assemble": 152}
-
-
 def test_no_function_is_longer_than_60_lines():
-    offenders = []
-    for line in long_functions(MAX_FUNCTION_LINES):
-        where, name, length = line.split(" ")[0], line.split(" ")[1], int(line.split("(")[1].split(" ")[0])
-        if not (where.startswith("src/remat/runtime/profiler.py") and length <= KNOWN_LONG.get(name, 0)):
-            offenders.append(line)
+    offenders = long_functions(MAX_FUNCTION_LINES)
     assert not offenders, (
         f"{len(offenders)} functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(offenders)
     )

@@ -18,6 +18,7 @@ from remat.errors import (
     PlanMismatchError,
     ProfileError,
     RematError,
+    VerificationError,
 )
 from remat.planning.budget import Share, parse_budget, share
 from remat.planning.plan import Plan, Prediction, Record, Region
@@ -45,11 +46,14 @@ __all__ = [
     "RematError",
     "Share",
     "Stage",
+    "VerificationError",
     "apply",
     "auto",
+    "available_bytes",
     "format_bytes",
     "frontier",
     "measure",
+    "optimizer_state_bytes",
     "parse_budget",
     "parse_bytes",
     "plan_of",
@@ -66,6 +70,8 @@ __all__ = [
 # The torch-using layers load on first use, so that the planners work (and import fast) without torch.
 _LAZY = {
     "measure": ("remat.runtime.measure", "measure"),
+    "available_bytes": ("remat.runtime.measure", "available_bytes"),
+    "optimizer_state_bytes": ("remat.runtime.optimizer", "optimizer_state_bytes"),
     "MemoryTracker": ("remat.runtime.measure", "MemoryTracker"),
     "Measurement": ("remat.runtime.measure", "Measurement"),
     "profile": ("remat.runtime.profiler", "profile"),
@@ -80,7 +86,8 @@ if TYPE_CHECKING:
     from remat.app.plot import plot_frontier
     from remat.runtime.auto import auto
     from remat.runtime.executor import apply, plan_of, remove
-    from remat.runtime.measure import Measurement, MemoryTracker, measure
+    from remat.runtime.measure import Measurement, MemoryTracker, available_bytes, measure
+    from remat.runtime.optimizer import optimizer_state_bytes
     from remat.runtime.profiler import profile
 
 

@@ -9,6 +9,7 @@ __all__ = [
     "PlanMismatchError",
     "ProfileError",
     "RematError",
+    "VerificationError",
 ]
 
 
@@ -45,3 +46,8 @@ class PlanError(RematError, ValueError):
 
 class PlanMismatchError(RematError):
     """A plan applied to a model or input shapes it was not made for."""
+
+
+class VerificationError(RematError):
+    """A planned step, run once to check it (``remat.auto(..., verify=...)``), exceeded its budget or
+    gave other gradients than the plain model."""

@@ -33,7 +33,7 @@ from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
 from remat.units import format_bytes, parse_bytes
 
-__all__ = ["Budget", "Share", "no_checkpointing_peak", "parse_budget", "share"]
+__all__ = ["Budget", "Share", "absolute_bytes", "no_checkpointing_peak", "parse_budget", "share"]
 
 _FIX = "give bytes as an int or a size like '6GiB', or a share of the no-checkpointing peak as '50%' or share(0.5)"
 
@@ -88,7 +88,23 @@ def no_checkpointing_peak(profile: Profile) -> int:
     return simulate(profile, tuple(Record(k) for k in range(len(profile.stages)))).peak_bytes
 
 
-def parse_budget(budget: Budget, profile: Profile) -> int | None:
+class _NeedsProfile(Exception):
+    """A share of the no-checkpointing peak was asked for without a profile."""
+
+
+def absolute_bytes(budget: Budget) -> int | None:
+    """The budget's bytes when they do not depend on a profile; None for a share or no limit.
+
+    >>> absolute_bytes("1KiB"), absolute_bytes(2048), absolute_bytes("50%"), absolute_bytes(None)
+    (1024, 2048, None, None)
+    """
+    try:
+        return parse_budget(budget, None)
+    except _NeedsProfile:
+        return None
+
+
+def parse_budget(budget: Budget, profile: Profile | None) -> int | None:
     """Bytes from a budget (see the module docstring; the table is in docs/budgets.md). None: no limit.
 
     >>> p = Profile.from_lists([10] * 4, [40] * 3 + [0], [1.0] * 4, [2.0] * 4)
@@ -127,7 +143,7 @@ _BARE_INT = re.compile(r"^[0-9]+$")
 _BARE_NUMBER = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 
 
-def _parse_text(budget: str, profile: Profile) -> int:
+def _parse_text(budget: str, profile: Profile | None) -> int:
     text = budget.strip()
     if text.endswith("%"):
         try:
@@ -144,7 +160,7 @@ def _parse_text(budget: str, profile: Profile) -> int:
     return parse_bytes(text, what="budget")
 
 
-def _parse_float(value: float, shown: str, kind: str, profile: Profile) -> int:
+def _parse_float(value: float, shown: str, kind: str, profile: Profile | None) -> int:
     """A float (or a decimal string) is a share in (0, 1); 1 or more is refused with both readings."""
     if not math.isfinite(value) or value <= 0:
         raise BudgetError(f"budget {shown} must be a positive finite number; {_FIX}")
@@ -159,5 +175,7 @@ def _parse_float(value: float, shown: str, kind: str, profile: Profile) -> int:
     return _of_peak(Fraction(repr(float(value))), profile)
 
 
-def _of_peak(fraction: Fraction, profile: Profile) -> int:
+def _of_peak(fraction: Fraction, profile: Profile | None) -> int:
+    if profile is None:
+        raise _NeedsProfile
     return math.floor(fraction * no_checkpointing_peak(profile))

@@ -1,4 +1,4 @@
-"""``remat.auto``: profile, solve and apply in one call."""
+"""``remat.auto``: profile, solve, apply and check, in one call."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.planning.budget import Budget
+from remat.errors import VerificationError
+from remat.planning.budget import Budget, absolute_bytes
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
 from remat.planning.solve import solve
-from remat.runtime.executor import apply
-from remat.runtime.profiler import profile
+from remat.runtime import hf
+from remat.runtime.executor import apply, remove
+from remat.runtime.measure import measure
+from remat.runtime.model import as_call, loss_function, tensors_in
+from remat.runtime.optimizer import Spec, optimizer_state_bytes
+from remat.runtime.profiler import preserved, profile
+from remat.runtime.regions import suspended
 from remat.units import format_bytes
 
 __all__ = ["auto"]
@@ -29,25 +35,37 @@ def auto(
     *,
     budget: Budget,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | Spec | None = None,
     strategy: str = "auto",
     stages: Sequence[str] | None = None,
     repeats: int = 3,
-    progress: bool = False,
+    sizes: str = "auto",
+    verify: bool | str = True,
+    progress: bool | None = None,
     **options: Any,
 ) -> nn.Module:
-    """Make one training step of ``model`` fit ``budget`` at the least extra time: profile, solve, apply.
+    """Make one training step of ``model`` fit ``budget`` at the least extra time: profile, solve, apply,
+    and check the planned step once.
 
     Args:
         model: in training mode; a transformers ``PreTrainedModel`` works as is (pass labels in
             ``example_inputs`` so it returns a loss).
         example_inputs: a batch of the shape you will train on: a tensor, a tuple, or a dict of keyword
             inputs.
-        budget: peak bytes of the step: ``"6GiB"``, an int, or a fraction of the no-checkpointing peak.
+        budget: peak bytes of the step: ``"6GiB"``, an int, or a share of the no-checkpointing peak.
         loss_fn: ``loss_fn(output) -> scalar`` when the model does not return its loss.
+        optimizer: the optimizer whose state must fit in the budget too: an instance, or a name
+            (``"adamw"``, ``"adam"``, ``"sgd-momentum"``, ...); its state is counted by the parameters'
+            dtypes (:func:`remat.optimizer_state_bytes`).
         strategy: ``"auto"`` (optimal), or any name of :func:`remat.strategies`.
-        stages: explicit stage names (see :func:`remat.profile`).
-        repeats: timed repeats while profiling.
-        progress: show a progress bar while profiling.
+        stages, repeats: see :func:`remat.profile`.
+        sizes: see :func:`remat.profile`; no profiling run exceeds the budget or the device's free memory
+            (docs/faq.md, "Memory-safe profiling").
+        verify: True (default): run the planned step once under :func:`remat.measure`; raise
+            :class:`remat.VerificationError` if its peak, optimizer state included, exceeds the budget.
+            ``"grads"``: also compare loss and gradients bit for bit with the plain model (same batch and
+            seed; this runs the step without checkpointing once). False: no check.
+        progress: a progress bar while profiling; None: when stderr is a terminal.
 
     Returns:
         The same model, planned in place (:func:`remat.remove` undoes it; :func:`remat.plan_of` gives
@@ -55,16 +73,88 @@ def auto(
 
     Raises:
         InfeasibleBudgetError: the budget is below the smallest feasible peak (the message says it).
+        VerificationError: the planned step failed its check; the plan is removed.
 
-    Hugging Face's own gradient checkpointing is switched off first — remat's plan replaces it, and
-    profiling a model that already checkpoints would measure the wrong chain — and ``use_cache`` is
-    set to False while planned (restored by :func:`remat.remove`).
+    Hugging Face's own gradient checkpointing is switched off first (remat's plan replaces it), and
+    ``use_cache`` is False while planned (restored by :func:`remat.remove`).
     """
-    prof = profile(model, example_inputs, loss_fn=loss_fn, stages=stages, repeats=repeats, progress=progress)
+    if verify not in (True, False, "grads"):
+        raise VerificationError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
+    hf.disable_checkpointing(model, "remat.auto")  # profile the chain the plan will run
+    prof = _profiled(model, example_inputs, budget, optimizer, loss_fn=loss_fn, stages=stages, repeats=repeats,
+                     sizes=sizes, progress=progress)
     plan = solve(prof, budget, strategy=strategy, **options)
     apply(model, plan)
     _log_summary(prof, plan)
+    if verify:
+        _verify(model, example_inputs, loss_fn, plan, optimizer, grads=verify == "grads")
     return model
+
+
+def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: torch.optim.Optimizer | Spec | None,
+              **kwargs: Any) -> Profile:
+    """The profile, with the optimizer's state in its fixed memory; no profiling run above the budget."""
+    state = optimizer_state_bytes(model, optimizer) if optimizer is not None else 0
+    cap = absolute_bytes(budget)
+    prof = profile(model, example_inputs, limit_bytes=None if cap is None else max(0, cap - state), **kwargs)
+    if optimizer is None:
+        return prof
+    label = optimizer if isinstance(optimizer, str) else f"{type(optimizer).__name__} state"
+    return prof.with_extra_fixed(optimizer_state_bytes(model, optimizer, device=prof.device), label)
+
+
+def _verify(model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None, plan: Plan,
+            optimizer: torch.optim.Optimizer | Spec | None, *, grads: bool) -> None:
+    """Run the planned step once (after one warm-up, so gradients count from the start, as planned) and
+    check its peak against the budget; with ``grads``, check it against the plain model bit for bit."""
+    args, kwargs = as_call(example_inputs)
+    get_loss = loss_function(loss_fn)
+    cuda = any(p.is_cuda for p in model.parameters())
+
+    def step() -> torch.Tensor:
+        loss = get_loss(model(*args, **kwargs))
+        loss.backward()
+        return loss.detach()
+
+    with preserved(model, cuda):
+        m = measure(step, model=model, inputs=tensors_in((args, kwargs)), optimizer=optimizer, warmup=1, repeats=0)
+    budget = plan.budget_bytes
+    if budget is not None and m.peak_bytes > budget:
+        remove(model)
+        raise VerificationError(
+            f"remat.auto: the planned step measured a peak of {format_bytes(m.peak_bytes)}, over the budget of"
+            f" {format_bytes(budget)} (predicted {format_bytes(plan.prediction.peak_bytes)}); the plan was removed."
+            " Profile with sizes='measured' if the step fits on the device, or give stages=[...]; please report"
+            " the model to remat"
+        )
+    if grads:
+        _compare_gradients(model, step, cuda)
+
+
+def _compare_gradients(model: nn.Module, step: Callable[[], torch.Tensor], cuda: bool) -> None:
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        for p in model.parameters():
+            p.grad = None
+        torch.manual_seed(0)
+        loss = step()
+        return loss, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+    with preserved(model, cuda):
+        planned_loss, planned = run()
+        with suspended(model):
+            plain_loss, plain = run()
+    diffs = [n for n, g in plain.items() if not _same(g, planned[n])]
+    if diffs or not torch.equal(plain_loss, planned_loss):
+        remove(model)
+        raise VerificationError(
+            f"remat.auto: the planned step's {'gradients of ' + ', '.join(diffs[:3]) if diffs else 'loss'} differ"
+            f" from the plain model's ({len(diffs)} parameters differ; loss {planned_loss.item():.6g} vs"
+            f" {plain_loss.item():.6g}); the plan was removed. Please report the model to remat"
+        )
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _log_summary(prof: Profile, plan: Plan) -> None:
@@ -73,9 +163,9 @@ def _log_summary(prof: Profile, plan: Plan) -> None:
     blocks = [prof.names[k] for k in prof.block_indices()]
     log.info(
         "remat.auto: %d stages (%s%s); budget %s; predicted peak %s vs %s without checkpointing;"
-        " +%.1f%% step time (strategy %s, %d regions)",
+        " +%.1f%% step time (strategy %s, %d regions; sizes %s, times %s)",
         len(prof.stages), f"{blocks[0]} .. {blocks[-1]}" if blocks else "no blocks",
         f", {len(blocks)} blocks" if blocks else "", format_bytes(plan.budget_bytes or 0),
         format_bytes(p.peak_bytes), format_bytes(none.peak_bytes), 100 * p.overhead, plan.strategy,
-        sum(1 for _ in plan.regions()),
+        sum(1 for _ in plan.regions()), prof.meta.get("sizes", "measured"), prof.meta.get("times", "measured"),
     )

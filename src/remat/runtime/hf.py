@@ -15,7 +15,7 @@ from torch import nn
 
 log = logging.getLogger("remat")
 
-__all__ = ["HFState", "checkpointing_active", "prepare", "restore"]
+__all__ = ["HFState", "checkpointing_active", "disable_checkpointing", "prepare", "restore"]
 
 
 @dataclass
@@ -41,11 +41,16 @@ def _checkpointing_disable(model: nn.Module) -> None:
             return
 
 
-def prepare(model: nn.Module, caller: str) -> HFState:
-    """Switch off the model's own checkpointing and its cache; returns what to restore."""
+def disable_checkpointing(model: nn.Module, caller: str) -> None:
+    """Switch off the model's own checkpointing, saying so."""
     if checkpointing_active(model):
         log.warning("%s: switching off the model's own gradient checkpointing; remat's plan replaces it", caller)
         _checkpointing_disable(model)
+
+
+def prepare(model: nn.Module, caller: str) -> HFState:
+    """Switch off the model's own checkpointing and its cache; returns what to restore."""
+    disable_checkpointing(model, caller)
     state = HFState()
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):

@@ -26,7 +26,7 @@ from remat.errors import RematError
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["Measurement", "MemoryTracker", "measure"]
+__all__ = ["Measurement", "MemoryTracker", "available_bytes", "measure"]
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "saved", "other")
 
@@ -544,3 +544,55 @@ class _TrackedRun:
         finally:
             for h in handles:
                 h.remove()
+
+
+def available_bytes(device: str) -> int | None:
+    """Bytes a new allocation on ``device`` can still get, or None when unknown.
+
+    CUDA: the driver's free memory plus what PyTorch's caching allocator holds unused. CPU: the least of
+    the system's available memory (``MemAvailable``), the address-space limit of the process
+    (``RLIMIT_AS``) less its current size, and its cgroup's memory limit less its usage.
+    """
+    if device.startswith("cuda"):
+        dev = torch.device(device)
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+    if device != "cpu":
+        return None
+    limits = [v for v in (_mem_available(), _address_space_left(), _cgroup_left()) if v is not None]
+    return min(limits) if limits else None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _mem_available() -> int | None:
+    text = _read("/proc/meminfo") or ""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _address_space_left() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    statm = _read("/proc/self/statm")
+    if soft == resource.RLIM_INFINITY or statm is None:
+        return None
+    return max(0, soft - int(statm.split()[0]) * resource.getpagesize())
+
+
+def _cgroup_left() -> int | None:
+    limit, usage = _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+    if limit is None or usage is None or limit.strip() == "max":
+        return None
+    return max(0, int(limit) - int(usage))
