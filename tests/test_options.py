@@ -246,3 +246,29 @@ def test_option_profile_facts(gpt2_with_options):
         names = [o.name for o in s.options]
         assert "sac" in names
     assert Profile.from_json(prof.to_json()) == prof
+
+
+def test_add_options_leaves_a_planned_model_untouched(gpt2_with_options):
+    """On a model with a plan applied: the plan is suspended, gradients, RNG and the plan stay as they were."""
+    import remat
+    from remat.runtime.ops import add_options
+
+    model, inputs, prof = gpt2_with_options
+    plan = solve(prof, None, strategy="every")
+    remat.apply(model, plan)
+    try:
+        for k, p in enumerate(model.parameters()):
+            p.grad = torch.full_like(p, float(k))
+        grads = [p.grad.clone() for p in model.parameters()]
+        rng = torch.get_rng_state()
+        again = add_options(prof, model, inputs, repeats=1)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+        assert remat.plan_of(model) is not None
+        # Which options survive depends on measured times; an option's name says what it saves.
+        for s, t in zip(again.stages, prof.stages):
+            assert bool(s.options) == bool(t.options)
+            same = {o.name for o in s.options} & {o.name for o in t.options}
+            assert all(s.option(n).save == t.option(n).save for n in same)
+    finally:
+        remat.remove(model)

@@ -39,21 +39,17 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import (
-    SAC_IGNORED_OPS,
-    CheckpointPolicy,
-    checkpoint,
-    create_selective_checkpoint_contexts,
-    noop_context_fn,
-)
+from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint, noop_context_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from remat.errors import ProfileError
 from remat.planning.profile import BlockOption, Profile
 from remat.runtime.measure import MemoryTracker
 from remat.runtime.model import as_call, carry_of, find_stages, split_carry, tensors_in
+from remat.runtime.policy import SavePolicy, selective_contexts
+from remat.runtime.regions import suspended
 
-__all__ = ["SAC_OPS", "OpRecord", "SavePolicy", "add_options", "block_ops", "selective_contexts"]
+__all__ = ["SAC_OPS", "OpRecord", "SavePolicy", "add_options", "block_ops", "candidates", "selective_contexts"]
 
 #: The ops PyTorch's usual SAC policy saves: matmuls and attention.
 MATMUL_OPS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"})
@@ -64,31 +60,6 @@ SAC_OPS = MATMUL_OPS | frozenset({
     "aten._scaled_dot_product_cudnn_attention.default",
     "aten.convolution.default",
 })
-
-
-class SavePolicy:
-    """The SAC policy of an option: ``MUST_SAVE`` for the ops in ``save`` (``"aten.mm.default"``: every
-    call; ``"aten.mm.default#2"``: the third call), ``PREFER_RECOMPUTE`` for the rest. Calls are counted
-    from the block's start: one policy per checkpoint (see :func:`selective_contexts`)."""
-
-    def __init__(self, save: Sequence[str]) -> None:
-        self.every = frozenset(s for s in save if "#" not in s)
-        self.some = frozenset(s for s in save if "#" in s)
-        self.counts: dict[tuple[bool, str], int] = defaultdict(int)
-
-    def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        name = str(func)
-        key = (bool(getattr(ctx, "is_recompute", False)), name)
-        n = self.counts[key]
-        self.counts[key] = n + 1
-        if name in self.every or f"{name}#{n}" in self.some:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def selective_contexts(save: Sequence[str]) -> tuple[Any, Any]:
-    """``(forward, recompute)`` contexts of a checkpoint that keeps the outputs of the ops in ``save``."""
-    return create_selective_checkpoint_contexts(SavePolicy(save))
 
 
 @dataclass
@@ -411,7 +382,7 @@ def _signature(call: _BlockCall) -> str:
 
 
 class _Untouched:
-    """Restores the RNG and the blocks' buffers (running statistics) after the options are measured."""
+    """Restores the RNG and the modules' buffers (running statistics) after the options are measured."""
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.buffers = [b for m in modules for b in m.buffers()]
@@ -457,10 +428,10 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
         raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
     blocks, _ = find_stages(model, stages)
     index = {name: i for i, name in enumerate(prof.names)}
-    calls = _capture(model, example_inputs, blocks)
     shared: dict[str, _BlockFigures] = {}
     new = list(prof.stages)
-    with _Untouched([m for _, m in blocks]):
+    with suspended(model), _Untouched([model]):
+        calls = _capture(model, example_inputs, blocks)
         for name, _mod in blocks:
             i = index.get(name)
             if i is None or not new[i].checkpointable or name not in calls:

@@ -57,7 +57,7 @@ from torch.utils.checkpoint import (
 from remat.errors import PlanMismatchError
 from remat.planning.plan import Item, Record, Region, Selective, item_span
 from remat.runtime.model import Extras, call_with_carry, carry_of, extras_of, same_extras, split_carry
-from remat.runtime.ops import selective_contexts
+from remat.runtime.policy import selective_contexts
 
 __all__ = ["Runner", "runner_of", "suspended"]
 
