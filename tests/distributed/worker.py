@@ -68,6 +68,11 @@ def nested_items(n: int) -> tuple[Any, ...]:
             Record(n + 1))
 
 
+def one_region_items(n: int) -> tuple[Any, ...]:
+    """Every block in one region: its recomputation runs all of them while the last one's backward waits."""
+    return (Record(0), Region(1, n + 1, tuple(Record(k) for k in range(1, n + 1))), Record(n + 1))
+
+
 def sharded(model: nn.Module, how: str) -> nn.Module:
     """FSDP2 as torchtitan lays it out (every block, then the root), or DDP with the given options."""
     if how == "fsdp":
@@ -185,6 +190,7 @@ CASES: list[tuple[str, str, str, Callable[[Any], Any]]] = [
     ("fsdp-nested-before", "fsdp", "before", fixed_plan(nested_items)),
     ("fsdp-nested-after", "fsdp", "after", fixed_plan(nested_items)),
     ("fsdp-budget-after", "fsdp", "after", budget_plan(0.3)),
+    ("fsdp-one-region-before", "fsdp", "before", fixed_plan(one_region_items)),
     ("ddp-nested-before", "ddp", "before", fixed_plan(nested_items)),
     ("ddp-sqrt-after", "ddp", "after", sqrt_plan),
     ("ddp-static-nested-after", "ddp-static", "after", fixed_plan(nested_items)),
