@@ -50,12 +50,16 @@ __all__ = [
     "apply",
     "auto",
     "available_bytes",
+    "broadcast_plan",
+    "check_same_plan",
     "format_bytes",
     "frontier",
+    "fsdp_profile",
     "measure",
     "optimizer_state_bytes",
     "parse_budget",
     "parse_bytes",
+    "plan_for_job",
     "plan_of",
     "plot_frontier",
     "profile",
@@ -71,6 +75,10 @@ __all__ = [
 _LAZY = {
     "measure": ("remat.runtime.measure", "measure"),
     "available_bytes": ("remat.runtime.measure", "available_bytes"),
+    "fsdp_profile": ("remat.runtime.distributed", "fsdp_profile"),
+    "plan_for_job": ("remat.runtime.distributed", "plan_for_job"),
+    "broadcast_plan": ("remat.runtime.distributed", "broadcast_plan"),
+    "check_same_plan": ("remat.runtime.distributed", "check_same_plan"),
     "optimizer_state_bytes": ("remat.runtime.optimizer", "optimizer_state_bytes"),
     "MemoryTracker": ("remat.runtime.measure", "MemoryTracker"),
     "Measurement": ("remat.runtime.measure", "Measurement"),
@@ -85,6 +93,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from remat.app.plot import plot_frontier
     from remat.runtime.auto import auto
+    from remat.runtime.distributed import broadcast_plan, check_same_plan, fsdp_profile, plan_for_job
     from remat.runtime.executor import apply, plan_of, remove
     from remat.runtime.measure import Measurement, MemoryTracker, available_bytes, measure
     from remat.runtime.optimizer import optimizer_state_bytes

@@ -135,6 +135,8 @@ def _check_plan_args(args: argparse.Namespace) -> None:
                          " (remat.frontier gives the frontier's plans in Python)")
     if args.plot:
         _check_output(args.plot, "--plot", png=True)
+    if args.fsdp and args.profile:
+        raise UsageError("--fsdp plans from the model itself (its parameters' shapes): give a model, not --profile")
 
 
 # ---- remat plan / remat profile ------------------------------------------------------------------
@@ -153,11 +155,17 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
                          throughput=args.throughput, progress=sys.stderr.isatty() and not quiet,
                          repeats=args.repeats)
     state = {name: optimizer_state_bytes(built.model, name, device=args.device) for name in OPTIMIZERS}
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp:  # one rank's share: FSDP2 over `fsdp` ranks (each block and the root sharded)
+        from remat.runtime.distributed import fsdp_profile
+
+        prof = fsdp_profile(prof, built.model, fsdp)
+        state = {name: -(-v // fsdp) for name, v in state.items()}
     prof = dataclasses.replace(prof, meta={**prof.meta, "optimizer_state_bytes": state})
     where = (f"on meta (no memory used; times estimated for {args.throughput})" if args.device == "meta"
              else f"on {args.device}")
     desc = (f"{args.model}: {built.description}; batch {args.batch} x seq {args.seq}, {args.dtype}; profiled {where}"
-            f" in {time.perf_counter() - t0:.1f} s")
+            f" in {time.perf_counter() - t0:.1f} s" + (f"; one rank of FSDP2 over {fsdp} ranks" if fsdp else ""))
     return prof, desc
 
 
@@ -327,6 +335,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="count this optimizer's state as fixed memory, in the parameters' dtype, with torch's"
                         " defaults (adam, adamw: 2 copies of the parameters; sgd-momentum: 1; sgd: none)"
                         " (default %(default)s)")
+    q.add_argument("--fsdp", type=_positive("--fsdp"), metavar="N",
+                   help="plan one rank of FSDP2 over N ranks (fully_shard per block and the root): the budget"
+                        " is per rank, parameters, gradients and optimizer state are sharded")
     q.add_argument("--json", action="store_true", help="print only the plan, as JSON")
     q.add_argument("--plot", help="also write the memory-time frontier to this PNG")
     q.add_argument("--frontier", action="store_true", help="also print the memory-time frontier")

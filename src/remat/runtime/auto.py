@@ -16,6 +16,7 @@ from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
 from remat.planning.solve import solve
 from remat.runtime import hf
+from remat.runtime.distributed import plan_for_job
 from remat.runtime.executor import apply, remove
 from remat.runtime.measure import measure
 from remat.runtime.model import as_call, loss_function, tensors_in
@@ -83,12 +84,21 @@ def auto(
     hf.disable_checkpointing(model, "remat.auto")  # profile the chain the plan will run
     prof = _profiled(model, example_inputs, budget, optimizer, loss_fn=loss_fn, stages=stages, repeats=repeats,
                      sizes=sizes, progress=progress)
-    plan = solve(prof, budget, strategy=strategy, **options)
+    plan = _solved(prof, budget, strategy, options)
     apply(model, plan)
     _log_summary(prof, plan)
     if verify:
         _verify(model, example_inputs, loss_fn, plan, optimizer, grads=verify == "grads")
     return model
+
+
+def _solved(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any]) -> Plan:
+    """The plan; in a distributed job, one plan for every rank (rank 0 solves; profiles that differ
+    between ranks raise on every rank instead of hanging the job)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return plan_for_job(prof, budget, strategy=strategy, **options)
+    return solve(prof, budget, strategy=strategy, **options)
 
 
 def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: torch.optim.Optimizer | Spec | None,
