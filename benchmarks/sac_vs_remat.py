@@ -14,8 +14,8 @@ round-robin (A B C …, the order rotated each round), reported as the median of
 checkpointing, with the interquartile range of those ratios as the noise, and the ratio of the fastest
 runs (noise on a shared machine only adds time); gradients compared bit for bit with no checkpointing's.
 One intra-op thread by default: on a loaded machine a multi-threaded op waits for its slowest thread.
-"pred" is remat's predicted ratio, for the peers too (the every-block plan; every block with the SAC
-option that saves the same ops as the peer's policy).
+"pred" and "pred MiB" are remat's predictions, for the peers too (as remat plans: every block a region;
+every block with the SAC option that saves the same ops as the peer's policy).
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ def report(model: torch.nn.Module, inputs: dict[str, object], variants: list[Var
     for v in variants:
         plan = plans.get(v.label)
         med, lo, hi = r[v.label]
-        pred_peak = f"{plan.peak_bytes / MIB:9.2f}" if plan else f"{'':>9}"
         modelled = plan or peers.get(v.label)
+        pred_peak = f"{modelled.peak_bytes / MIB:9.2f}" if modelled else f"{'':>9}"
         pred_ratio = f"{modelled.time_s / none_s:6.3f}" if modelled else f"{'':>6}"
         equal = v.info.get("equal", "-") if plan else "-"
         fits = "-" if plan is None or plan.budget_bytes is None else str(peaks[v.label] <= plan.budget_bytes)
