@@ -7,7 +7,9 @@ place that knows about them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +17,7 @@ from torch import nn
 
 log = logging.getLogger("remat")
 
-__all__ = ["HFState", "checkpointing_active", "disable_checkpointing", "prepare", "restore"]
+__all__ = ["HFState", "cache_off", "checkpointing_active", "disable_checkpointing", "prepare", "restore"]
 
 
 @dataclass
@@ -56,6 +58,21 @@ def prepare(model: nn.Module, caller: str) -> HFState:
     if config is not None and getattr(config, "use_cache", False):
         state.use_cache, config.use_cache = config.use_cache, False
     return state
+
+
+@contextlib.contextmanager
+def cache_off(model: nn.Module) -> Iterator[None]:
+    """``use_cache`` off for a while (profiling): a planned model runs without the cache, so the step to
+    profile is the one without it (the cache's keys and values would count as held activations)."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def restore(model: nn.Module, state: HFState) -> None:

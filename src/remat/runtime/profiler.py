@@ -290,6 +290,7 @@ def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack, *
     is left as profiling found it when ``stack`` closes."""
     args, kwargs = as_call(example_inputs)
     stack.enter_context(suspended(model))  # a planned model is profiled as the plain model
+    stack.enter_context(hf.cache_off(model))  # as a plan runs it
     real = None
     if device != "meta":
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
