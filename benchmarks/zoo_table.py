@@ -1,6 +1,9 @@
-"""Per model of the test zoo: budget -> simulated peak, measured peak, gradients equal (CPU).
+"""Per model of the acceptance zoo (tests/zoo_models.py), on the CPU: the stages found without
+``stages=``, the predicted peak without checkpointing and at the smallest feasible budget, and for the
+min-feasible plan its predicted and measured peak and whether the step gave the plain model's loss and
+gradients bit for bit.
 
-    .venv/bin/python benchmarks/zoo_table.py
+    .venv/bin/python benchmarks/zoo_table.py [name ...]
 """
 
 from __future__ import annotations
@@ -8,68 +11,68 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.models import TupleNet, cnn, hf, mlp
+from tests.test_zoo import SIZES, _forward_backward, _seed, _step, _tensors
+from tests.zoo_models import ZOO
 
 import remat
+from remat import RematError, simulate, solve
 from remat.planning.solve import min_feasible_plan
-from remat.units import format_bytes
 
 
-def zoo():
-    yield "MLP (8 residual blocks, dropout)", *mlp(8, 128), lambda o: o.pow(2).mean()
-    yield "CNN with BatchNorm (5 blocks)", cnn(5, 16), torch.randn(8, 3, 16, 16), lambda o: o.pow(2).mean()
-    for name in ("gpt2", "llama", "bert"):
-        model, inputs = hf(name, batch=4, seq=64)
-        yield f"{name} (4 layers, transformers config)", model, inputs, lambda o: o.loss
-    yield "tuple outputs + kwargs", TupleNet(6), {"x": torch.randn(8, 16), "mask": torch.ones(8, 32)}, \
-        lambda o: o["loss"]
+def _stages(prof: remat.Profile) -> str:
+    blocks = [s.name for s in prof.stages if s.kind == "block"]
+    glue = sum(1 for s in prof.stages if s.kind == "glue")
+    span = blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]}"
+    return f"{len(blocks)} (+{glue} glue): {span}"
 
 
-def call(model, inputs):
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+def _same(plain: torch.nn.Module, planned: torch.nn.Module) -> bool:
+    pairs = list(zip(plain.parameters(), planned.parameters()))
+    grads = all((p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+                for p, q in pairs)
+    buffers = all(torch.equal(a, b) for a, b in zip(plain.buffers(), planned.buffers()))
+    return grads and buffers
 
 
-def main() -> None:
-    print("| model | budget | plan | simulated peak | measured peak | <= budget | sim/measured | grads equal |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, model, inputs, loss_fn in zoo():
-        torch.manual_seed(0)
-        ref = copy.deepcopy(model)
-        torch.manual_seed(1)
-        loss_fn(call(ref, inputs)).backward()
-        prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1)
-        none = remat.solve(prof, None, strategy="none").peak_bytes
-        every = remat.solve(prof, None, strategy="every").peak_bytes
-        low = min_feasible_plan(prof).peak_bytes
-        tensors = [inputs] if isinstance(inputs, torch.Tensor) else [v for v in inputs.values()
-                                                                     if isinstance(v, torch.Tensor)]
-        for b in sorted({none, (none + every) // 2, every, low}, reverse=True):
-            plan = remat.solve(prof, b)
-            remat.apply(model, plan)
+def row(name: str) -> str:
+    model, inputs, loss_fn = ZOO[name]()
+    pristine = copy.deepcopy(model)
+    _seed()
+    try:
+        prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1, sizes=SIZES.get(name, "auto"))
+    except RematError as e:
+        return f"| {name} | refused: {str(e)[:160]} | | | | | |"
+    none = simulate(prof, solve(prof, None, strategy="none")).peak_bytes
+    plan = min_feasible_plan(prof)
+    plain, planned = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    remat.apply(planned, plan)
+    loss_plain = _step(plain, inputs, loss_fn)
+    loss_planned = _step(planned, inputs, loss_fn)
+    same = bool(torch.equal(loss_plain, loss_planned)) and _same(plain, planned)
 
-            def step(model=model, inputs=inputs, loss_fn=loss_fn):
-                out = call(model, inputs)  # the loop holds the output through backward, as most do
-                loss_fn(out).backward()
+    def step() -> Any:
+        _forward_backward(planned, inputs, loss_fn)
 
-            m = remat.measure(step, model=model, inputs=tensors, repeats=0)
-            for p in model.parameters():
-                p.grad = None
-            torch.manual_seed(1)
-            step()
-            equal = all(torch.equal(a.grad, b_.grad) for a, b_ in zip(ref.parameters(), model.parameters())
-                        if a.grad is not None)
-            remat.remove(model)
-            depth = max(plan.prediction.forwards) - 1
-            shape = f"{sum(1 for _ in plan.regions())} regions, depth {depth}"
-            print(f"| {label} | {format_bytes(b)} | {shape} | {format_bytes(plan.peak_bytes)} |"
-                  f" {format_bytes(m.peak_bytes)} | {'yes' if m.peak_bytes <= b else 'NO'} |"
-                  f" {plan.peak_bytes / m.peak_bytes:.4f} | {'yes' if equal else 'NO'} |")
+    measured = remat.measure(step, model=planned, inputs=_tensors(inputs), repeats=0).peak_bytes
+    ok = "yes" if measured <= plan.peak_bytes else "NO"
+    return (f"| {name} | {_stages(prof)} | {none:,} | {plan.peak_bytes:,} ({plan.peak_bytes / none:.0%}) |"
+            f" {measured:,} | {ok} | {'yes' if same else 'NO'} |")
+
+
+def main(names: list[str]) -> None:
+    print("| model | stages found (blocks, glue: first .. last) | no-checkpointing peak, predicted (B) |"
+          " min-feasible peak, predicted (B) | min-feasible, measured (B) | measured <= predicted |"
+          " loss, grads, buffers bitwise equal |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names or list(ZOO):
+        print(row(name), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

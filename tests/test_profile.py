@@ -102,8 +102,16 @@ def test_unrecognised_models_get_a_clear_error():
         def forward(self, x):
             return self.b(self.a(x))
 
-    with pytest.raises(ProfileError, match=r"nn.Sequential.*ModuleList.*stages="):
-        remat.profile(Plain(), torch.randn(2, 4))
+    class Bare(nn.Module):  # no submodule the hidden state flows through
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return (x * self.w).sum()
+
+    with pytest.raises(ProfileError, match=r"cannot find a chain of stages in Bare.*stages="):
+        remat.profile(Bare(), torch.randn(2, 4))
     with pytest.raises(ProfileError, match=r"'c', which is not a submodule"):
         remat.profile(Plain(), torch.randn(2, 4), stages=["a", "c"])
     with pytest.raises(ProfileError, match=r"did not each run once, in order|did not run before stage"):

@@ -29,6 +29,19 @@ from .zoo_models import ZOO, filed_reproducer
 SEED = 1234
 BUDGETS = ["min_feasible", "midpoint", "just_below_none"]
 
+#: Models remat may refuse, each with why and what its refusal must say. Every other model must be
+#: profiled without ``stages=`` and planned at every budget: a refusal fails the test.
+UNSUPPORTED: dict[str, tuple[str, str]] = {
+    "mobilenet_v3": ("the profile's self-check: 8,279 B (1.01%) of the measured peak are in no stage, with any"
+                     " choice of stages (the peak is in the head's backward)", r"bytes went unaccounted"),
+}
+
+#: Models whose fake copy cannot run, so sizes are measured on the CPU: a Python branch on a random draw
+#: (LayerDrop: ``if torch.rand(()) < p``) has no value on a fake tensor, and ``aten._grouped_mm`` (Mixtral's
+#: experts) has no float32 meta kernel in torch 2.13.
+SIZES = {"layerdrop": "measured", "layerdrop_skips_block1": "measured", "wav2vec2_layerdrop": "measured",
+         "mixtral": "measured"}
+
 
 # ----------------------------------------------------------------------------------------------------
 # Running a step
@@ -127,7 +140,7 @@ def _entry(name: str) -> Entry:
         prof, err, trace = None, None, ""
         _seed()
         try:
-            prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1)
+            prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1, sizes=SIZES.get(name, "auto"))
         except Exception as e:  # judged by the tests: only a RematError with a clear message is acceptable
             err, trace = e, traceback.format_exc()
         _ENTRIES[name] = Entry(name, pristine, inputs, loss_fn, prof, err, trace)
@@ -161,11 +174,22 @@ def _assert_clear_refusal(err: BaseException, entry: Entry, trace: str = "") -> 
     assert useful, (f"{entry.name}: {type(err).__name__} names neither the model, a submodule nor a size: {msg!r}")
 
 
+def _refused(err: BaseException, entry: Entry, trace: str = "") -> None:
+    """Only a model listed in UNSUPPORTED may refuse, clearly and for its documented reason."""
+    trace = trace or "".join(traceback.format_exception(err))
+    if entry.name not in UNSUPPORTED:
+        pytest.fail(f"{entry.name} must plan, but remat refused: {type(err).__name__}: {err}\n{trace}")
+    _assert_clear_refusal(err, entry, trace)
+    why, pattern = UNSUPPORTED[entry.name]
+    assert re.search(pattern, str(err)), f"{entry.name} ({why}) refused for another reason: {err}"
+
+
 def _profile(entry: Entry) -> Profile | None:
     """The profile, or None after checking that profiling refused clearly."""
     if entry.error is not None:
-        _assert_clear_refusal(entry.error, entry, entry.error_trace)
+        _refused(entry.error, entry, entry.error_trace)
         return None
+    assert entry.name not in UNSUPPORTED, f"{entry.name} is listed as unsupported but was profiled: remove it"
     return entry.profile
 
 
@@ -234,7 +258,7 @@ def test_plan_gives_the_same_step_within_the_budget(zoo: Entry, where: str) -> N
         if isinstance(e, InfeasibleBudgetError) and budget is not None and low is not None and budget >= low:
             pytest.fail(f"{zoo.name}: solve refused budget {budget} B although the smallest feasible peak is"
                         f" {low} B: {e}")
-        _assert_clear_refusal(e, zoo)
+        _refused(e, zoo)
 
 
 def test_two_adamw_steps_give_the_same_parameters(zoo: Entry) -> None:
@@ -254,7 +278,7 @@ def test_two_adamw_steps_give_the_same_parameters(zoo: Entry) -> None:
                 opt.step()
         _assert_same_state(plain, planned, f"{zoo.name} after two AdamW steps ({_stages(prof)})")
     except RematError as e:
-        _assert_clear_refusal(e, zoo)
+        _refused(e, zoo)
 
 
 def test_filed_reproducer_with_explicit_stages_and_one_uniform_segment() -> None:
@@ -272,7 +296,7 @@ def test_filed_reproducer_with_explicit_stages_and_one_uniform_segment() -> None
         _assert_same_loss(ref, got, entry.name)
         _assert_same_state(plain, planned, entry.name)
     except RematError as e:
-        _assert_clear_refusal(e, entry)
+        _refused(e, entry)
 
 
 def test_the_zoo_is_large_enough() -> None:

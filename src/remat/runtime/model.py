@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from remat.errors import ProfileError
+from remat.runtime.stages import carry_of as carry_of  # call conventions, defined with stage discovery
+from remat.runtime.stages import discover
+from remat.runtime.stages import split_carry as split_carry
 
 #: The arguments a block receives besides its chained input: (positional, keyword).
 Extras = tuple[tuple[Any, ...], dict[str, Any]]
@@ -129,26 +132,18 @@ def model_signature(model: nn.Module, stage_names: Sequence[str]) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def find_stages(model: nn.Module, stages: Sequence[str] | None) -> tuple[list[tuple[str, nn.Module]], str]:
+def find_stages(model: nn.Module, stages: Sequence[str] | None, *,
+                inputs: Extras | None = None) -> tuple[list[tuple[str, nn.Module]], str]:
     """The model's blocks as ``[(name, module)]`` and how they were found.
 
-    1. ``stages``: names of submodules in execution order;
-    2. ``nn.Sequential``: its children, nested Sequentials flattened;
-    3. the largest ``ModuleList`` of at least two modules of one type (transformer blocks).
+    1. ``stages``: names of submodules in execution order (``"explicit"``);
+    2. ``nn.Sequential``: its children, nested Sequentials flattened (``"sequential"``);
+    3. with ``inputs=(args, kwargs)``: by watching one forward, for any model (``"blocks"``; Note
+       [Watching one forward] in ``runtime/stages.py``);
+    4. without inputs: the blocks of the largest ``ModuleList`` of one block type (``"blocks"``).
     """
     if stages is not None:
-        if isinstance(stages, str) or not stages:
-            raise ProfileError(f"remat.profile: stages={stages!r} must be a non-empty list of submodule names")
-        out = []
-        for name in stages:
-            try:
-                out.append((name, model.get_submodule(name)))
-            except AttributeError:
-                raise ProfileError(
-                    f"remat.profile: stages names {name!r}, which is not a submodule of"
-                    f" {type(model).__name__}; pass names from model.named_modules()"
-                ) from None
-        return out, "explicit"
+        return _named_stages(model, stages), "explicit"
     if isinstance(model, nn.Sequential):
         # A child that works in place on its input (ReLU(inplace=True)) cannot be a checkpointed stage of
         # its own: it becomes glue after the stage before it (see Note [Glue] in the profiler).
@@ -157,6 +152,27 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None) -> tuple[list[tu
             raise ProfileError(f"remat.profile: every child of this {type(model).__name__} works in place; there is"
                                " no stage to checkpoint")
         return chain, "sequential"
+    if inputs is not None:
+        return discover(model, *inputs), "blocks"
+    return _largest_module_list(model), "blocks"
+
+
+def _named_stages(model: nn.Module, stages: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    if isinstance(stages, str) or not stages:
+        raise ProfileError(f"remat.profile: stages={stages!r} must be a non-empty list of submodule names")
+    out = []
+    for name in stages:
+        try:
+            out.append((name, model.get_submodule(name)))
+        except AttributeError:
+            raise ProfileError(
+                f"remat.profile: stages names {name!r}, which is not a submodule of"
+                f" {type(model).__name__}; pass names from model.named_modules()"
+            ) from None
+    return out
+
+
+def _largest_module_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
@@ -173,7 +189,7 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None) -> tuple[list[tu
             " remat.profile(model, inputs, stages=['encoder.0', 'encoder.1', ...])."
         )
     _, name, mlist = best
-    return [(f"{name}.{i}", m) for i, m in enumerate(mlist)], "blocks"
+    return [(f"{name}.{i}", m) for i, m in enumerate(mlist)]
 
 
 def _flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -207,32 +223,6 @@ def loss_function(loss_fn: Callable[[Any], torch.Tensor] | None) -> Callable[[An
         )
 
     return default
-
-
-def carry_of(out: Any) -> Any:
-    """The tensor a block hands to the next one: itself, or the first element of a tuple/list/dict."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return out[0]
-    if isinstance(out, Mapping) and out:
-        return next(iter(out.values()))
-    return None
-
-
-def split_carry(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """``(carry, key)``: the block's chained input and where it was passed (0 or a keyword name)."""
-    if args:
-        return args[0], 0
-    import inspect
-
-    try:
-        first = next(iter(inspect.signature(module.forward).parameters))
-    except (StopIteration, ValueError, TypeError):
-        first = None
-    if first is not None and first in kwargs:
-        return kwargs[first], first
-    return None, None
 
 
 def same_extras(a: Extras, b: Extras) -> bool:

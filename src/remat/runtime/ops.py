@@ -426,7 +426,7 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
-    blocks, _ = find_stages(model, stages)
+    blocks, _ = find_stages(model, stages, inputs=as_call(example_inputs))
     index = {name: i for i, name in enumerate(prof.names)}
     shared: dict[str, _BlockFigures] = {}
     new = list(prof.stages)

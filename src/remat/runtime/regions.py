@@ -58,6 +58,7 @@ from remat.errors import PlanMismatchError
 from remat.planning.plan import Item, Record, Region, Selective, item_span
 from remat.runtime.model import Extras, call_with_carry, carry_of, extras_of, same_extras, split_carry
 from remat.runtime.policy import selective_contexts
+from remat.runtime.stages import layerdrop_draws_without_skipping
 
 __all__ = ["Runner", "runner_of", "suspended"]
 
@@ -458,13 +459,15 @@ def runner_of(model: nn.Module) -> Runner | None:
 
 @contextlib.contextmanager
 def suspended(model: nn.Module) -> Iterator[None]:
-    """Run the plain model while a schedule is installed (profiling a planned model)."""
+    """Run the plain model while profiling: a schedule installed is suspended (profiling a planned model),
+    and LayerDrop draws without skipping (every block runs; the draw between blocks is seen)."""
     runner = runner_of(model)
-    if runner is None:
-        yield
-        return
-    was, runner.suspended = runner.suspended, True
-    try:
-        yield
-    finally:
-        runner.suspended = was
+    with layerdrop_draws_without_skipping(model):
+        if runner is None:
+            yield
+            return
+        was, runner.suspended = runner.suspended, True
+        try:
+            yield
+        finally:
+            runner.suspended = was
