@@ -7,8 +7,9 @@ Ways of running the same training step, side by side:
   peers: no checkpointing; every block checkpointed (Hugging Face gradient checkpointing, non-reentrant);
          every block checkpointed with a SAC policy that saves the outputs of mm/addmm/bmm/attention
          (``create_selective_checkpoint_contexts`` as the checkpoint's ``context_fn``);
-  remat: ``optimal`` at the SAC peer's measured peak and at the every-block peer's, with the blocks'
-         selective options (remat.runtime.ops.add_options) and without them (the same time figures).
+  remat: ``optimal`` at the SAC peer's measured peak, at the every-block peer's, and midway between them,
+         with the blocks' selective options (remat.runtime.ops.add_options) and without them (on the same
+         time figures).
 Peaks by remat.measure (exact storage tracking; PyTorch's MemTracker agrees on these models); step times
 round-robin (A B C …, the order rotated each round), reported as the median of per-round ratios to no
 checkpointing, with the interquartile range of those ratios as the noise, and the ratio of the fastest
@@ -131,7 +132,9 @@ def main() -> None:
     # Without options, on the same time figures (add_options also measures each block's region time).
     bare = dataclasses.replace(prof_o, stages=tuple(dataclasses.replace(s, options=()) for s in prof_o.stages))
     plans = {}
-    for at in ("every block + SAC", "every block"):
+    # Between the two peers' peaks: a point neither peer offers.
+    peaks["midway"] = (peaks["every block + SAC"] + peaks["every block"]) // 2
+    for at in ("every block + SAC", "midway", "every block"):
         for label, p in (("remat+options", prof_o), ("remat", bare)):
             try:
                 plans[f"{label} @ {at}"] = remat.solve(p, peaks[at])

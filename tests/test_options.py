@@ -245,6 +245,8 @@ def test_option_profile_facts(gpt2_with_options):
             assert all(op.startswith("aten.") for op in o.save)
         names = [o.name for o in s.options]
         assert "sac" in names
+        for a, b in zip(s.options, s.options[1:]):  # a Pareto set: more bytes kept, less time
+            assert a.kept_bytes < b.kept_bytes and a.recompute_s > b.recompute_s
     assert Profile.from_json(prof.to_json()) == prof
 
 
@@ -272,3 +274,28 @@ def test_add_options_leaves_a_planned_model_untouched(gpt2_with_options):
             assert all(s.option(n).save == t.option(n).save for n in same)
     finally:
         remat.remove(model)
+
+
+def test_random_in_place_and_view_ops_are_never_saved_and_attention_without_dropout_is():
+    from remat.runtime.model import find_stages
+    from remat.runtime.ops import _capture, block_ops, candidates
+
+    from .models import hf, no_attention_dropout
+
+    torch.manual_seed(0)
+    for attention_dropout in (True, False):
+        model, inputs = hf("gpt2")
+        if not attention_dropout:
+            no_attention_dropout(model)
+            model.transformer.h[0].mlp.dropout.p = 0.1  # one random op left
+        blocks, _ = find_stages(model, None)
+        ops = block_ops(_capture(model, inputs, blocks)[blocks[0][0]], repeats=1)
+        random = [o for o in ops if o.random]
+        assert random and all("bernoulli" in o.name or "dropout" in o.name for o in random)
+        assert not any(o.savable for o in ops if o.random or o.inplace or o.view or o.mutated)
+        saved = {s.split("#")[0] for save in candidates(ops).values() for s in save}
+        assert not saved & {o.name for o in random}
+        sdpa = [o for o in ops if "scaled_dot_product" in o.name]
+        assert bool(sdpa) == (not attention_dropout)  # with dropout, CPU attention takes the math path
+        assert all(o.savable and not o.random for o in sdpa)
+        assert sum(o.saved_bytes for o in ops) > 0 and all(o.saved_bytes <= o.out_bytes for o in ops)

@@ -329,19 +329,29 @@ class _BlockFigures:
     options: list[_Measured]
 
 
+def saved_keys(save: Sequence[str], ops: Sequence[OpRecord]) -> frozenset[str]:
+    """The ``name#k`` keys of the calls a save set keeps (a bare name: every call of the op)."""
+    names = set(save)
+    return frozenset(o.key for o in ops if o.key in names or o.name in names)
+
+
 def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _BlockFigures:
     """The block's Pareto options, with the plain record's bytes and a region's time beside them.
-    A time is never below that of the ops it must run again (a region: every op)."""
+
+    A time is never below that of the ops it must run again (a region: every op), and never above
+    that of an option that saves a subset of its ops (it recomputes a subset of theirs): measured
+    times differ by noise, and a noisy figure must not drop the better option."""
     ops = block_ops(call, repeats)
     saves = candidates(ops, cuts)
     record_kept, _ = _kept(call, None)
     extra = _extra_times(call, saves, repeats)
+    keys = {name: saved_keys(save, ops) for name, save in saves.items()}
     measured = []
     for name, save in saves.items():
         kept, transient = _kept(call, save)
-        keys, names = set(save), {s for s in save if "#" not in s}
-        recomputed = sum(o.time_s for o in ops if o.key not in keys and o.name not in names)
-        measured.append(_Measured(name, save, kept, transient, max(extra[name], recomputed)))
+        recomputed = sum(o.time_s for o in ops if o.key not in keys[name])
+        subsets = [extra[other] for other in saves if keys[other] <= keys[name]]
+        measured.append(_Measured(name, save, kept, transient, max(min(subsets), recomputed)))
     region_s = max(extra[REGION], sum(o.time_s for o in ops))
     return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept))
 
