@@ -18,9 +18,10 @@ Note: [Block options]
    moved: the same ranking from every profile, where measured op times on a shared machine differ).
 4. Each candidate is run as it will run in a plan — the block in a non-reentrant checkpoint with the
    policy — under :class:`remat.MemoryTracker` (the bytes it keeps, its forward peak, exact), and timed
-   against the block's plain forward and backward, interleaved with a plain one-block checkpoint; its
-   ``recompute_s`` is the difference of the fastest runs (noise on a shared machine only adds time),
-   never less than the time of the ops it recomputes. The region's figure, measured the same way,
+   against the block's plain forward and backward, interleaved with a plain one-block checkpoint (the
+   fastest runs: noise on a shared machine only adds time). An option's ``recompute_s`` is the time of
+   the ops it recomputes (each op's fastest run) plus the policy's overhead, one figure per block fitted
+   to those measurements (see :func:`_block_options`). The region's figure, measured the same way,
    replaces the block's ``fwd_region_s`` (``region_times``), so that the planner weighs regions and
    options on one scale. Dominated options are dropped.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -338,20 +340,22 @@ def saved_keys(save: Sequence[str], ops: Sequence[OpRecord]) -> frozenset[str]:
 def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _BlockFigures:
     """The block's Pareto options, with the plain record's bytes and a region's time beside them.
 
-    A time is never below that of the ops it must run again (a region: every op), and never above
-    that of an option that saves a subset of its ops (it recomputes a subset of theirs): measured
-    times differ by noise, and a noisy figure must not drop the better option."""
+    An option's time is the time of the ops it recomputes plus the policy's overhead, one figure for
+    the block: the median over its options of measured time less recomputed ops' time. Measured
+    option times differ from each other by less than a shared machine's noise (one attention op); the
+    sum keeps an option that saves more ops never slower than one that saves fewer. A region's time is
+    measured, never below that of every op (all must run again)."""
     ops = block_ops(call, repeats)
     saves = candidates(ops, cuts)
     record_kept, _ = _kept(call, None)
     extra = _extra_times(call, saves, repeats)
     keys = {name: saved_keys(save, ops) for name, save in saves.items()}
+    recomputed = {name: sum(o.time_s for o in ops if o.key not in keys[name]) for name in saves}
+    overhead = max(0.0, statistics.median(extra[n] - recomputed[n] for n in saves)) if saves else 0.0
     measured = []
     for name, save in saves.items():
         kept, transient = _kept(call, save)
-        recomputed = sum(o.time_s for o in ops if o.key not in keys[name])
-        subsets = [extra[other] for other in saves if keys[other] <= keys[name]]
-        measured.append(_Measured(name, save, kept, transient, max(min(subsets), recomputed)))
+        measured.append(_Measured(name, save, kept, transient, recomputed[name] + overhead))
     region_s = max(extra[REGION], sum(o.time_s for o in ops))
     return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept))
 
