@@ -227,7 +227,7 @@ def _strategy_section(sizes: _Sizes, plot: str) -> None:
 
     built = zoo.build("gpt2-tiny", batch=sizes.batch, seq=sizes.seq)
     _print(f"model: {built.description}; batch {sizes.batch} x seq {sizes.seq}, float32, dropout on")
-    prof = profile(built.model, built.inputs, progress=True, repeats=sizes.repeats)
+    prof = profile(built.model, built.inputs, progress=None, repeats=sizes.repeats)
     _print(f"profiled {len(prof.stages)} stages; fixed memory {prof.fixed_summary()}")
     grid = _plan_grid(prof)
     results = _grid_rows(built, prof, grid, sizes.repeats)
