@@ -21,8 +21,8 @@ from remat.errors import (
     VerificationError,
 )
 from remat.planning.budget import Share, parse_budget, share
-from remat.planning.plan import Plan, Prediction, Record, Region
-from remat.planning.profile import Profile, Stage
+from remat.planning.plan import Plan, Prediction, Record, Region, Selective
+from remat.planning.profile import BlockOption, Profile, Stage
 from remat.planning.simulate import simulate
 from remat.planning.solve import frontier, solve
 from remat.planning.strategies import register_strategy, strategies
@@ -31,6 +31,7 @@ from remat.units import format_bytes, parse_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockOption",
     "BudgetError",
     "InfeasibleBudgetError",
     "Measurement",
@@ -44,9 +45,11 @@ __all__ = [
     "Record",
     "Region",
     "RematError",
+    "Selective",
     "Share",
     "Stage",
     "VerificationError",
+    "add_options",
     "apply",
     "auto",
     "available_bytes",
@@ -75,6 +78,7 @@ __all__ = [
 _LAZY = {
     "measure": ("remat.runtime.measure", "measure"),
     "available_bytes": ("remat.runtime.measure", "available_bytes"),
+    "add_options": ("remat.runtime.ops", "add_options"),
     "fsdp_profile": ("remat.runtime.distributed", "fsdp_profile"),
     "plan_for_job": ("remat.runtime.distributed", "plan_for_job"),
     "broadcast_plan": ("remat.runtime.distributed", "broadcast_plan"),
@@ -96,6 +100,7 @@ if TYPE_CHECKING:
     from remat.runtime.distributed import broadcast_plan, check_same_plan, fsdp_profile, plan_for_job
     from remat.runtime.executor import apply, plan_of, remove
     from remat.runtime.measure import Measurement, MemoryTracker, available_bytes, measure
+    from remat.runtime.ops import add_options
     from remat.runtime.optimizer import optimizer_state_bytes
     from remat.runtime.profiler import profile
 

@@ -20,6 +20,7 @@ from remat.runtime.distributed import plan_for_job
 from remat.runtime.executor import apply, remove
 from remat.runtime.measure import measure
 from remat.runtime.model import as_call, loss_function, tensors_in
+from remat.runtime.ops import add_options
 from remat.runtime.optimizer import Spec, optimizer_state_bytes
 from remat.runtime.profiler import preserved, profile
 from remat.runtime.regions import suspended
@@ -43,16 +44,15 @@ def auto(
     sizes: str = "auto",
     verify: bool | str = True,
     progress: bool | None = None,
+    block_options: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Make one training step of ``model`` fit ``budget`` at the least extra time: profile, solve, apply,
     and check the planned step once.
 
     Args:
-        model: in training mode; a transformers ``PreTrainedModel`` works as is (pass labels in
-            ``example_inputs`` so it returns a loss).
-        example_inputs: a batch of the shape you will train on: a tensor, a tuple, or a dict of keyword
-            inputs.
+        model: in training mode; a transformers model works as is (with labels in the inputs).
+        example_inputs: a batch of the shape you will train on: a tensor, a tuple, or a dict of kwargs.
         budget: peak bytes of the step: ``"6GiB"``, an int, or a share of the no-checkpointing peak.
         loss_fn: ``loss_fn(output) -> scalar`` when the model does not return its loss.
         optimizer: the optimizer whose state must fit in the budget too: an instance, or a name
@@ -67,6 +67,7 @@ def auto(
             ``"grads"``: also compare loss and gradients bit for bit with the plain model (same batch and
             seed; this runs the step without checkpointing once). False: no check.
         progress: a progress bar while profiling; None: when stderr is a terminal.
+        block_options: also give the planner selective options inside blocks (:func:`remat.add_options`).
 
     Returns:
         The same model, planned in place (:func:`remat.remove` undoes it; :func:`remat.plan_of` gives
@@ -81,9 +82,8 @@ def auto(
     """
     if verify not in (True, False, "grads"):
         raise VerificationError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
-    hf.disable_checkpointing(model, "remat.auto")  # profile the chain the plan will run
-    prof = _profiled(model, example_inputs, budget, optimizer, loss_fn=loss_fn, stages=stages, repeats=repeats,
-                     sizes=sizes, progress=progress)
+    prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
+                     repeats=repeats, sizes=sizes, progress=progress)
     plan = _solved(prof, budget, strategy, options)
     apply(model, plan)
     _log_summary(prof, plan)
@@ -102,11 +102,15 @@ def _solved(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any
 
 
 def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: torch.optim.Optimizer | Spec | None,
-              **kwargs: Any) -> Profile:
-    """The profile, with the optimizer's state in its fixed memory; no profiling run above the budget."""
+              block_options: bool, **kwargs: Any) -> Profile:
+    """The profile, with the optimizer's state in its fixed memory (and block options if asked); no
+    profiling run above the budget."""
+    hf.disable_checkpointing(model, "remat.auto")  # profile the chain the plan will run
     state = optimizer_state_bytes(model, optimizer) if optimizer is not None else 0
     cap = absolute_bytes(budget)
     prof = profile(model, example_inputs, limit_bytes=None if cap is None else max(0, cap - state), **kwargs)
+    if block_options and prof.device != "meta":
+        prof = add_options(prof, model, example_inputs, stages=kwargs["stages"], repeats=max(1, kwargs["repeats"]))
     if optimizer is None:
         return prof
     label = optimizer if isinstance(optimizer, str) else f"{type(optimizer).__name__} state"
