@@ -124,3 +124,22 @@ def test_a_block_skipped_by_layerdrop_in_training_is_a_region_of_its_own():
         assert torch.equal(loss, ref_loss)
         assert all((g is None and r is None) or torch.equal(g, r) for g, r in zip(grads, ref_grads))
     assert not calls and model.blocks[1].fc1.weight.grad is None
+
+
+class HeldFeatures(nn.Module):
+    """wav2vec2's shape: a normed feature map the model returns beside its output, held through the blocks."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, d)
+        self.blocks = nn.Sequential(*(nn.Linear(d, d) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.norm(x)
+        return self.blocks(self.proj(feat)), feat
+
+
+def test_a_stage_whose_output_is_held_beyond_the_next_one_is_glue():
+    pairs, _ = find_stages(HeldFeatures(), None, inputs=as_call(torch.randn(4, 16)))
+    assert [n for n, _ in pairs] == ["proj", "blocks.0", "blocks.1", "blocks.2"]
