@@ -92,7 +92,8 @@ def test_layerdrop_draws_without_skipping_while_profiling():
     before = model.layerdrop
     with layerdrop_draws_without_skipping(model):
         p = model.layerdrop[1]
-        assert p > 0.0 and 0.0 < p and model.config.layerdrop > 0.0  # a model that draws only when p > 0 draws
+        # a model that draws only when p > 0 (or p != 0) draws
+        assert p > 0.0 and 0.0 < p and p != 0 and not p == 0 and not p <= 0 and model.config.layerdrop > 0.0
         assert not bool(torch.rand(()) < p) and not bool(torch.zeros(()) < p)  # and never skips
         assert model.layerdrop[0] == 0.0 and type(model.layerdrop[0]) is float  # 0 stays: nothing drawn
         assert model.config.encoder_layerdrop == 0.0 and model.config.dropout == 0.1

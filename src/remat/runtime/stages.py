@@ -81,15 +81,32 @@ def split_carry(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 # ----------------------------------------------------------------------------------------------------
 
 
+#: What a LayerDrop probability that draws but never skips is, compared with a Python number.
+_TINY = 5e-324
+
+
 class _DrawWithoutSkipping(float):
-    """A LayerDrop probability that is positive to a ``p > 0`` test (the model makes its random draw) and
-    0 as a number (``torch.rand(()) < p`` is never true: no block is skipped)."""
+    """A LayerDrop probability that is the smallest positive number to Python comparisons (``p > 0``,
+    ``p == 0``: the model makes its random draw) and 0 to tensors (``torch.rand(()) < p`` is never true:
+    no block is skipped)."""
 
     def __gt__(self, other: Any) -> bool:
-        return bool(isinstance(other, (int, float)) and other <= 0) or float(self) > other
+        return _TINY > other if isinstance(other, (int, float)) else float(self) > other
+
+    def __ge__(self, other: Any) -> bool:
+        return _TINY >= other if isinstance(other, (int, float)) else float(self) >= other
+
+    def __lt__(self, other: Any) -> bool:
+        return _TINY < other if isinstance(other, (int, float)) else float(self) < other
+
+    def __le__(self, other: Any) -> bool:
+        return _TINY <= other if isinstance(other, (int, float)) else float(self) <= other
+
+    def __eq__(self, other: Any) -> bool:
+        return _TINY == other if isinstance(other, (int, float)) else float(self) == other
 
     def __ne__(self, other: Any) -> bool:
-        return True if other == 0 else float(self) != other
+        return not self.__eq__(other)
 
     def __bool__(self) -> bool:
         return True
