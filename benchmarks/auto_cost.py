@@ -33,7 +33,8 @@ if case == "plain":
         model(**batch).loss.backward()
         times.append(time.perf_counter() - t)
     out["step_s"] = statistics.median(times[1:])
-    out["tracked_peak"] = remat.measure(lambda: model(**batch).loss.backward(), model=model, inputs=ids, repeats=0).peak_bytes
+    step = lambda: model(**batch).loss.backward()
+    out["tracked_peak"] = remat.measure(step, model=model, inputs=ids, repeats=0).peak_bytes
 elif case.startswith("auto"):
     t = time.perf_counter()
     remat.auto(model, batch, budget=case.split(":")[1], repeats=3)
@@ -59,7 +60,8 @@ def main() -> None:
           f" (+{(plain['rss'] - base['rss']) / mib:.0f} over the model), {plain['step_s'] * 1e3:.0f} ms per step")
     for budget in ("600MiB", "2GiB"):  # below the no-checkpointing peak (1.1 GiB), and above it
         a = run(f"auto:{budget}")
-        print(f"remat.auto budget {budget}: RSS {a['rss'] / mib:.0f} MiB (+{(a['rss'] - base['rss']) / mib:.0f} over the"
+        over = (a["rss"] - base["rss"]) / mib
+        print(f"remat.auto budget {budget}: RSS {a['rss'] / mib:.0f} MiB (+{over:.0f} over the"
               f" model), {a['auto_s']:.1f} s = {a['auto_s'] / plain['step_s']:.1f} plain steps; plan predicts"
               f" {a['predicted'] / mib:.1f} MiB of budget {a['budget'] / mib:.1f} MiB")
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_zoo import SIZES, _forward_backward, _seed, _step, _tensors
+from tests.test_zoo import _forward_backward, _seed, _step, _tensors
 from tests.zoo_models import ZOO
 
 import remat
@@ -45,7 +45,7 @@ def row(name: str) -> str:
     pristine = copy.deepcopy(model)
     _seed()
     try:
-        prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1, sizes=SIZES.get(name, "auto"))
+        prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1)
     except RematError as e:
         return f"| {name} | refused: {str(e)[:160]} | | | | | |"
     none = simulate(prof, solve(prof, None, strategy="none")).peak_bytes

@@ -31,16 +31,7 @@ BUDGETS = ["min_feasible", "midpoint", "just_below_none"]
 
 #: Models remat may refuse, each with why and what its refusal must say. Every other model must be
 #: profiled without ``stages=`` and planned at every budget: a refusal fails the test.
-UNSUPPORTED: dict[str, tuple[str, str]] = {
-    "mobilenet_v3": ("the profile's self-check: 8,279 B (1.01%) of the measured peak are in no stage, with any"
-                     " choice of stages (the peak is in the head's backward)", r"bytes went unaccounted"),
-}
-
-#: Models whose fake copy cannot run, so sizes are measured on the CPU: a Python branch on a random draw
-#: (LayerDrop: ``if torch.rand(()) < p``) has no value on a fake tensor, and ``aten._grouped_mm`` (Mixtral's
-#: experts) has no float32 meta kernel in torch 2.13.
-SIZES = {"layerdrop": "measured", "layerdrop_skips_block1": "measured", "wav2vec2_layerdrop": "measured",
-         "mixtral": "measured"}
+UNSUPPORTED: dict[str, tuple[str, str]] = {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,7 +131,7 @@ def _entry(name: str) -> Entry:
         prof, err, trace = None, None, ""
         _seed()
         try:
-            prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1, sizes=SIZES.get(name, "auto"))
+            prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1)
         except Exception as e:  # judged by the tests: only a RematError with a clear message is acceptable
             err, trace = e, traceback.format_exc()
         _ENTRIES[name] = Entry(name, pristine, inputs, loss_fn, prof, err, trace)

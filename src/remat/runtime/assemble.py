@@ -249,7 +249,6 @@ def _head(runs: Runs, times: Times, last_freed: int) -> tuple[Stage, int]:
         bwd_s=max(MIN_TIME_S, total - fwd),
         fwd_nograd_s=fwd_ng,
         bwd_transient_bytes=max(-tl.head_x_bytes, w.end.peak - start - tl.head_x_bytes - residual),
-        input_freed_bytes=tl.head_x_bytes if tl.output_freed_in_head and runs.full.head_has_grad else 0,
         kind="head",
         checkpointable=False,
         joins_previous=False,
@@ -261,8 +260,8 @@ def _head(runs: Runs, times: Times, last_freed: int) -> tuple[Stage, int]:
 def _after_head(runs: Runs, stages: list[Stage]) -> list[Stage]:
     """A gradient smaller than the last block's output (a sum's expanded scalar) starts the last block's
     backward window lower than the chain model's whole gradient, so the window's rise above it is
-    smaller. (A head whose forward released the output, which nobody saved, frees it there: the head's
-    ``input_freed_bytes``.)"""
+    smaller. (A head whose forward released the output is measured as it ran: its backward window's
+    peak already lacks it.)"""
     tl, last = runs.full.tl, stages[-1]
     if not runs.names or not runs.full.head_has_grad:
         return stages

@@ -22,6 +22,7 @@ import copy
 import ctypes
 import dataclasses
 import gc
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,8 @@ from remat.runtime.model import (
 )
 from remat.runtime.regions import Runner, suspended
 from remat.runtime.timeline import THROUGHPUTS, Key, Run, Throughput, Timeline, Tracked
+
+log = logging.getLogger("remat")
 
 __all__ = ["PROFILE_MARGIN", "SIZES", "THROUGHPUTS", "Throughput", "preserved", "profile"]
 
@@ -381,7 +384,6 @@ class _Step:
         loss = self.get_loss(out)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ProfileError(f"remat.profile: the loss must be a scalar tensor, got {type(loss).__name__}")
-        tl.forward_done()
         loss.backward()
         tl.mark("end")
         del out, loss
@@ -482,13 +484,25 @@ def _sized(real: _Step | None, fake: _Fake | None, *, sizes: str, limit: int | N
     """The step whose sizes the profile reports (the fake copy's unless the real step fits, see Note
     [Memory-safe profiling]), and its tracked runs."""
     if fake is not None:
-        with fake.running(flash=real is None or real.device_type() == "cuda"):
-            step = _Step.of(fake.model, fake.args, fake.kwargs, loss_fn, stages)
-            step.run("full")  # steady state: gradients allocated, lazy buffers made
-            full = step.tracked("full", estimate)
-            tick("sizes, recording (fake)")
-            if real is None or sizes == "fake" or (limit is not None and full.peak > limit):
-                return step, _runs(step, full, estimate, tick)
+        try:
+            with fake.running(flash=real is None or real.device_type() == "cuda"):
+                step = _Step.of(fake.model, fake.args, fake.kwargs, loss_fn, stages)
+                step.run("full")  # steady state: gradients allocated, lazy buffers made
+                full = step.tracked("full", estimate)
+                tick("sizes, recording (fake)")
+                if real is None or sizes == "fake" or (limit is not None and full.peak > limit):
+                    return step, _runs(step, full, estimate, tick)
+        except RematError:
+            raise
+        except Exception as e:  # an op without a fake kernel, Python branching on a tensor's value
+            if real is None or sizes == "fake":
+                raise ProfileError(
+                    f"remat.profile: the step does not run on a fake copy of the model ({type(e).__name__}:"
+                    f" {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'}), so its sizes"
+                    " cannot be found without running it; profile on the device with sizes='measured'"
+                ) from e
+            log.warning("remat.profile: the step does not run on a fake copy of the model (%s); measuring it on"
+                        " the device, which needs the memory of the step without checkpointing", type(e).__name__)
     assert real is not None
     for _ in range(warmup):
         real.run("full")

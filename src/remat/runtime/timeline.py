@@ -120,10 +120,8 @@ class Timeline:
         self.pinned: set[int] = set()
         self._last_out: Any = lambda: None
         self.output_held = False  # the last block's output still live at the end of the step
-        # The head: whether its forward released the last block's output (nobody saved it), the bytes of
-        # the gradient its backward gave the last block (an expanded scalar for a sum, smaller than the
-        # output), and whether the output was gone by then.
-        self.output_freed_in_head = False
+        # The head's backward: the bytes of the gradient it gave the last block (an expanded scalar for a
+        # sum, smaller than the output), and whether the output was gone by then.
         self.head_grad_bytes = 0
         self.output_gone_at_head_grad = False
 
@@ -236,10 +234,6 @@ class Timeline:
         self.head_grad_bytes = grad.untyped_storage().nbytes()
         self.output_gone_at_head_grad = self._last_out() is None
         self.mark("bwd_head", len(self.blocks) - 1)
-
-    def forward_done(self) -> None:
-        """The loss is computed, backward not begun: whether the head's forward released the output."""
-        self.output_freed_in_head = self._last_out() is None
 
     # ---- reading the log -----------------------------------------------------------------------
     def last_input_freed(self) -> int:
