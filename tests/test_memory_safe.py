@@ -151,3 +151,27 @@ def test_verify_grads_compares_with_the_plain_model():
         remat.auto(Drifting(), torch.randn(256, 8), budget="80%", repeats=1, verify="grads")
     with pytest.raises(VerificationError, match="verify="):
         remat.auto(Drifting(), torch.randn(256, 8), budget="80%", repeats=1, verify="yes")
+
+
+class BranchesOnValues(nn.Module):
+    """Python control flow on a tensor's value: a fake copy cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x) if float(x.detach().sum()) < 1e9 else x
+        return x
+
+
+def test_a_step_that_a_fake_copy_cannot_run_is_measured_or_refused_clearly(caplog):
+    model, x = BranchesOnValues(), torch.randn(64, 16)
+    with caplog.at_level("WARNING", logger="remat"):
+        prof = remat.profile(model, x, repeats=1)
+    assert prof.meta["sizes"] == "measured" and "fake copy" in caplog.text
+    with pytest.raises(remat.ProfileError, match=r"fake copy.*sizes='measured'"):
+        remat.profile(model, x, repeats=1, sizes="fake")
+    with pytest.raises(remat.ProfileError, match=r"fake copy"):
+        remat.profile(model, x, device="meta")
