@@ -299,3 +299,114 @@ def test_random_in_place_and_view_ops_are_never_saved_and_attention_without_drop
         assert bool(sdpa) == (not attention_dropout)  # with dropout, CPU attention takes the math path
         assert all(o.savable and not o.random for o in sdpa)
         assert sum(o.saved_bytes for o in ops) > 0 and all(o.saved_bytes <= o.out_bytes for o in ops)
+
+
+def test_auto_with_block_options_plans_them_and_checks_gradients(monkeypatch):
+    """The model's KV cache left on (``use_cache`` not passed): options are measured without it, as a plan
+    runs, and the planned step's gradients equal the plain model's bit for bit."""
+    import remat
+    import remat.runtime.auto as auto_module
+
+    from .models import hf
+
+    seen = []
+
+    def spy(prof, *args, **kwargs):
+        seen.append(auto_module.add_options.__wrapped__(prof, *args, **kwargs))
+        return _cheap(seen[-1])
+
+    spy.__wrapped__ = auto_module.add_options
+    monkeypatch.setattr(auto_module, "add_options", spy)
+    model, inputs = hf("gpt2")
+    inputs.pop("use_cache", None)
+    assert model.config.use_cache
+    remat.auto(model, inputs, budget="80%", repeats=1, block_options=True, verify="grads")  # raises if grads differ
+    plan = remat.plan_of(model)
+    assert seen and all(seen[0].stages[k].options for k in seen[0].block_indices())
+    assert seen[0].meta["options_skipped"] == {}
+    assert any(isinstance(it, Selective) for it in _flatten(plan.items))
+    assert plan.peak_bytes <= plan.budget_bytes
+    remat.remove(model)
+    assert model.config.use_cache
+
+
+def _cheap(prof):
+    """Option times measured on a model this small are mostly the policy's Python overhead: made cheap so
+    that the planner picks options (what is checked is how they run)."""
+    return dataclasses.replace(prof, stages=tuple(
+        dataclasses.replace(s, options=tuple(dataclasses.replace(o, recompute_s=0.1 * s.region_s) for o in s.options))
+        for s in prof.stages))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_add_options_on_transformers_zoo_models_runs_with_the_plain_gradients(name):
+    """Every block gets options (the KV cache on by the config, as by default), and a plan with an option
+    on every block gives the plain model's gradients bit for bit."""
+    import remat
+    from remat.runtime.ops import add_options
+
+    from .zoo_models import ZOO
+
+    model, inputs, loss_fn = ZOO[name]()
+    inputs.pop("use_cache", None)
+    prof = add_options(remat.profile(model, inputs, loss_fn=loss_fn, repeats=1), model, inputs, repeats=1, cuts=(0.5,))
+    assert prof.meta["options_skipped"] == {} and prof.block_indices()
+    for i in prof.block_indices():
+        s = prof.stages[i]
+        assert s.options and all(0 < o.kept_bytes < s.xbar_bytes for o in s.options)
+    ref = _grads(model, inputs)
+    items = tuple(Selective(i, s.options[0].name, s.options[0].save) if s.options else Record(i)
+                  for i, s in enumerate(prof.stages))
+    remat.apply(model, make_plan(prof, items, strategy="hand", budget_bytes=None))
+    try:
+        got = _grads(model, inputs)
+    finally:
+        remat.remove(model)
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref), name
+
+
+class _Alternating(torch.nn.Module):
+    """A block that runs different ops on every other call (state outside its arguments)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.lin(x)
+        return x + (torch.tanh(y) if self.calls % 2 else torch.relu(y) * 2)
+
+
+def test_a_block_that_cannot_have_options_keeps_none_and_says_why(caplog):
+    import logging
+
+    import remat
+    from remat.runtime.ops import add_options
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), *[_Alternating(16) for _ in range(3)], torch.nn.Linear(16, 1))
+    x = torch.randn(4, 8)
+    prof = remat.profile(model, x, loss_fn=lambda out: out.sum(), repeats=1)
+    with caplog.at_level(logging.WARNING, logger="remat"):
+        again = add_options(prof, model, x, repeats=2)
+    skipped = again.meta["options_skipped"]
+    assert skipped and all("different ops" in why for why in skipped.values())
+    assert all(not again.stages[again.names.index(n)].options for n in skipped)
+    assert "gets no selective options" in caplog.text
+
+
+def test_captured_tensors_still_in_a_graph_become_detached_leaves():
+    from remat.runtime.ops import _detached
+
+    w = torch.randn(3, requires_grad=True)
+    cached = w * 2  # a tensor a model kept from a forward with autograd
+    plain = torch.ones(2)
+    out = _detached(((cached, plain), {"bias": cached, "w": w, "n": 3}))
+    (a, b), kw = out
+    assert a.grad_fn is None and a.is_leaf and a.requires_grad and torch.equal(a, cached)
+    assert b is plain and kw["w"] is w and kw["n"] == 3 and kw["bias"].grad_fn is None
+    for _ in range(2):  # a second backward through a detached leaf is fine
+        torch.autograd.grad((a * w).sum(), [a, w])

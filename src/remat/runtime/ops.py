@@ -3,8 +3,14 @@ in its own checkpoint keeping some op outputs (PyTorch's selective activation ch
 
 Note: [Block options]
 1. The inputs of every block are captured by forward pre-hooks in one forward of the model without
-   autograd; identical blocks (same class, parameter shapes, argument shapes and values) are profiled
-   once and share their options.
+   autograd and with a Hugging Face model's KV cache off, as a plan runs it (a cache is state outside a
+   block's arguments: run alone again and again, a block would grow it and backward through the graph
+   of an earlier run); a captured tensor still part of a graph (one the model cached from an earlier
+   forward) is replaced by a detached leaf. Each run of the block is its own forward on these inputs,
+   the hidden state a new leaf. Identical blocks (same class, parameter shapes, argument shapes and
+   values) are profiled once and share their options. A block that cannot be measured alone (no tensor
+   hidden state, different ops in two identical forwards, a failure run alone or in a checkpoint) gets
+   no options, with a warning and its reason in the profile's ``meta["options_skipped"]``.
 2. A block's recording forward runs under :class:`OpRecorder`: per op (the ops SAC's policy sees, in the
    same order), the bytes of the storages it creates, its time, FLOPs and bytes moved, whether it drew
    random numbers (the generator's state moved: attention with ``dropout_p=0`` draws none), works in
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import statistics
 import time
 from collections import defaultdict
@@ -40,16 +47,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint, noop_context_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from remat.errors import ProfileError
 from remat.planning.profile import BlockOption, Profile
+from remat.runtime import hf
 from remat.runtime.measure import MemoryTracker
 from remat.runtime.model import as_call, carry_of, find_stages, split_carry, tensors_in
 from remat.runtime.policy import SavePolicy, selective_contexts
 from remat.runtime.regions import suspended
+
+log = logging.getLogger("remat")
 
 __all__ = ["SAC_OPS", "OpRecord", "SavePolicy", "add_options", "block_ops", "candidates", "selective_contexts"]
 
@@ -363,6 +373,19 @@ def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _Bl
 # ---- the model -----------------------------------------------------------------------------------------
 
 
+def _detached(value: Any) -> Any:
+    """``value`` with each tensor that is part of an autograd graph (a non-leaf: a tensor cached by the model
+    from an earlier forward with autograd) replaced by a detached leaf that requires grad as it did. A
+    block run twice on it would otherwise backward through that graph twice (Note [Block options], 1)."""
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        if t.grad_fn is None:
+            return t
+        return t.detach().requires_grad_(t.requires_grad)
+
+    return tree_map_only(torch.Tensor, leaf, value)
+
+
 def _capture(model: nn.Module, example_inputs: Any, blocks: Sequence[tuple[str, nn.Module]]) -> dict[str, _BlockCall]:
     """Each block's first call in one forward of the model without autograd (Note [Block options], 1)."""
     calls: dict[str, _BlockCall] = {}
@@ -370,7 +393,8 @@ def _capture(model: nn.Module, example_inputs: Any, blocks: Sequence[tuple[str, 
     for name, mod in blocks:
 
         def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
-            calls.setdefault(name, _BlockCall(m, tuple(args), dict(kwargs)))
+            if name not in calls:
+                calls[name] = _BlockCall(m, tuple(_detached(args)), dict(_detached(kwargs)))
 
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     args, kwargs = as_call(example_inputs)
@@ -416,6 +440,20 @@ class _Untouched:
                 b.copy_(v)
 
 
+def _figures_of(call: _BlockCall, name: str, repeats: int, cuts: Sequence[float]) -> _BlockFigures | str:
+    """The block's figures, or why it cannot have options (said once, as a warning): the block takes no
+    tensor hidden state, runs different ops in two identical forwards, or cannot run alone on its captured
+    inputs or in a checkpoint (it reads or writes state outside its arguments)."""
+    try:
+        return _block_options(call, repeats, cuts)
+    except Exception as e:  # any failure of the block run alone leaves it without options, said why
+        first = (str(e).strip().splitlines() or [""])[0]
+        reason = first if isinstance(e, ProfileError) else f"running it alone raised {type(e).__name__}: {first}"
+        log.warning("remat.add_options: block %s (%s) gets no selective options (plans keep or recompute it"
+                    " whole): %s", name, type(call.module).__name__, reason)
+        return reason
+
+
 def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages: Sequence[str] | None = None,
                 repeats: int = 5, cuts: Sequence[float] = (0.25, 0.5, 0.75), region_times: bool = True) -> Profile:
     """``prof`` with selective options on its blocks (:attr:`remat.Stage.options`), measured on ``model``.
@@ -423,7 +461,8 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     Args:
         prof: the model's profile (from :func:`remat.profile` with the same ``stages``).
         model, example_inputs: as given to :func:`remat.profile`; the model is left as it was (its
-            parameters' ``.grad``, buffers and the RNG untouched).
+            parameters' ``.grad``, buffers and the RNG untouched). A Hugging Face model runs without its
+            KV cache, as a plan runs it.
         stages: explicit block names, as given to :func:`remat.profile`.
         repeats: timed runs per figure (the fastest, interleaved).
         cuts: the greedy cuts to try, as shares of the block's savable bytes.
@@ -432,19 +471,21 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
             regions and options on one scale.
 
     Each option's ``kept_bytes`` is the stage's ``xbar_bytes`` less what the option saves over a plain
-    record, both measured the same way (Note [Block options], 4).
+    record, both measured the same way (Note [Block options], 4). A block that cannot have options (no
+    tensor hidden state, different ops in two identical forwards, or a failure when run alone on its
+    captured inputs) keeps ``options=()``, with a warning; ``meta["options_skipped"]`` says why, per block.
 
     Raises:
-        ProfileError: ``repeats`` below 1, or a block that cannot have options (no tensor hidden state,
-            different ops in two identical forwards).
+        ProfileError: ``repeats`` below 1.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
     blocks, _ = find_stages(model, stages, inputs=as_call(example_inputs))
     index = {name: i for i, name in enumerate(prof.names)}
-    shared: dict[str, _BlockFigures] = {}
+    shared: dict[str, _BlockFigures | str] = {}
+    skipped: dict[str, str] = {}
     new = list(prof.stages)
-    with suspended(model), _Untouched([model]):
+    with suspended(model), hf.cache_off(model), _Untouched([model]):
         calls = _capture(model, example_inputs, blocks)
         for name, _mod in blocks:
             i = index.get(name)
@@ -452,11 +493,14 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
                 continue
             sig = _signature(calls[name])
             if sig not in shared:
-                shared[sig] = _block_options(calls[name], repeats, cuts)
+                shared[sig] = _figures_of(calls[name], name, repeats, cuts)
             fig, xbar = shared[sig], new[i].xbar_bytes
+            if isinstance(fig, str):
+                skipped[name] = fig
+                continue
             options = tuple(BlockOption(o.name, o.save, max(0, xbar - (fig.record_kept - o.kept_bytes)), o.recompute_s,
                                         o.fwd_transient_bytes) for o in fig.options)
             region_s = fig.region_s if region_times else new[i].fwd_region_s
             new[i] = dataclasses.replace(new[i], options=options, fwd_region_s=region_s)
-    meta = {**prof.meta, "options_profiled_blocks": len(shared)}
+    meta = {**prof.meta, "options_profiled_blocks": len(shared), "options_skipped": skipped}
     return dataclasses.replace(prof, stages=tuple(new), meta=meta)
