@@ -338,10 +338,10 @@ def _cheap(prof):
         for s in prof.stages))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "t5"])
 def test_add_options_on_transformers_zoo_models_runs_with_the_plain_gradients(name):
-    """Every block gets options (the KV cache on by the config, as by default), and a plan with an option
-    on every block gives the plain model's gradients bit for bit."""
+    """Every block gets options (the KV cache on by the config, as by default: T5's decoder reads a config
+    of its own), and a plan with an option on every block gives the plain model's gradients bit for bit."""
     import remat
     from remat.runtime.ops import add_options
 
@@ -349,11 +349,15 @@ def test_add_options_on_transformers_zoo_models_runs_with_the_plain_gradients(na
 
     model, inputs, loss_fn = ZOO[name]()
     inputs.pop("use_cache", None)
+    caching = _use_cache(model)
+    assert any(caching)
     prof = add_options(remat.profile(model, inputs, loss_fn=loss_fn, repeats=1), model, inputs, repeats=1, cuts=(0.5,))
     assert prof.meta["options_skipped"] == {} and prof.block_indices()
     for i in prof.block_indices():
         s = prof.stages[i]
-        assert s.options and all(0 < o.kept_bytes < s.xbar_bytes for o in s.options)
+        matmuls = any(p.ndim == 2 for p in model.get_submodule(s.name).parameters())  # weight matrices
+        assert bool(s.options) == matmuls, s.name  # T5's final layer norm has none worth keeping
+        assert all(0 < o.kept_bytes < s.xbar_bytes for o in s.options)
     ref = _grads(model, inputs)
     items = tuple(Selective(i, s.options[0].name, s.options[0].save) if s.options else Record(i)
                   for i, s in enumerate(prof.stages))
@@ -364,6 +368,11 @@ def test_add_options_on_transformers_zoo_models_runs_with_the_plain_gradients(na
         remat.remove(model)
     assert got.keys() == ref.keys()
     assert all(torch.equal(got[k], ref[k]) for k in ref), name
+    assert _use_cache(model) == caching  # restored
+
+
+def _use_cache(model):
+    return [m.config.use_cache for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")]
 
 
 class _Alternating(torch.nn.Module):

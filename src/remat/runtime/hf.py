@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -22,9 +22,10 @@ __all__ = ["HFState", "cache_off", "checkpointing_active", "disable_checkpointin
 
 @dataclass
 class HFState:
-    """What :func:`prepare` changed, for :func:`restore`."""
+    """What :func:`prepare` changed, for :func:`restore`: each config whose ``use_cache`` it switched off,
+    with its value."""
 
-    use_cache: Any = None
+    use_cache: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 def checkpointing_active(model: nn.Module) -> bool:
@@ -53,28 +54,39 @@ def disable_checkpointing(model: nn.Module, caller: str) -> None:
 def prepare(model: nn.Module, caller: str) -> HFState:
     """Switch off the model's own checkpointing and its cache; returns what to restore."""
     disable_checkpointing(model, caller)
+    return _switch_cache_off(model)
+
+
+def _switch_cache_off(model: nn.Module) -> HFState:
     state = HFState()
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        state.use_cache, config.use_cache = config.use_cache, False
+    for config in _caching_configs(model):
+        state.use_cache.append((config, config.use_cache))
+        config.use_cache = False
     return state
+
+
+def _caching_configs(model: nn.Module) -> list[Any]:
+    """The configs with ``use_cache`` on: the model's and its submodules' (an encoder-decoder's stacks
+    hold copies of their own, which their forwards read)."""
+    found: dict[int, Any] = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and getattr(config, "use_cache", False):
+            found.setdefault(id(config), config)
+    return list(found.values())
 
 
 @contextlib.contextmanager
 def cache_off(model: nn.Module) -> Iterator[None]:
     """``use_cache`` off for a while (profiling): a planned model runs without the cache, so the step to
     profile is the one without it (the cache's keys and values would count as held activations)."""
-    config = getattr(model, "config", None)
-    if config is None or not getattr(config, "use_cache", False):
-        yield
-        return
-    config.use_cache = False
+    state = _switch_cache_off(model)
     try:
         yield
     finally:
-        config.use_cache = True
+        restore(model, state)
 
 
 def restore(model: nn.Module, state: HFState) -> None:
-    if state.use_cache is not None:
-        model.config.use_cache = state.use_cache  # type: ignore[union-attr]
+    for config, value in state.use_cache:
+        config.use_cache = value
