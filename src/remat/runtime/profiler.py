@@ -180,8 +180,15 @@ class _Fake:
     @contextlib.contextmanager
     def running(self, flash: bool) -> Iterator[None]:
         """Run the copy; ``flash``: attention as a GPU runs it (Note [Attention on meta]), not as a CPU."""
-        with self.mode, _flash_attention_on_meta() if flash else contextlib.nullcontext():
-            yield
+        # An op that fails on fake tensors is handled by the caller (measured or refused clearly): torch's
+        # own error log of it would only repeat the traceback.
+        torch_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level, torch_log.level = torch_log.level, logging.CRITICAL
+        try:
+            with self.mode, _flash_attention_on_meta() if flash else contextlib.nullcontext():
+                yield
+        finally:
+            torch_log.setLevel(level)
 
 
 @contextlib.contextmanager
