@@ -194,3 +194,21 @@ def test_plans_see_through_a_ddp_wrapper() -> None:
     assert not is_applied(model)
     plain_plan = remat.solve(remat.profile(ref, x, repeats=1), strategy="sqrt")  # made without the wrapper
     assert remat.plan_of(remat.apply(DistributedDataParallel(ref), plain_plan)) is plain_plan
+
+
+def test_an_infeasible_budget_reaches_every_rank_as_itself() -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    import remat
+    from remat.runtime.distributed import plan_for_job
+
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(6)])
+    prof = remat.profile(model, torch.randn(128, 64), repeats=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(remat.InfeasibleBudgetError, match="could not plan") as info:
+            plan_for_job(prof, 1000)
+    finally:
+        dist.destroy_process_group()
+    assert info.value.min_feasible_bytes == remat.planning.solve.min_feasible_peak(prof)

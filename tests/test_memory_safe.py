@@ -175,3 +175,53 @@ def test_a_step_that_a_fake_copy_cannot_run_is_measured_or_refused_clearly(caplo
         remat.profile(model, x, repeats=1, sizes="fake")
     with pytest.raises(remat.ProfileError, match=r"fake copy"):
         remat.profile(model, x, device="meta")
+
+
+def test_the_model_itself_runs_nothing_above_the_limit():
+    model, x = mlp(6, 64)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    calls = []  # the hook is copied with the model: count the calls on real tensors
+    model.register_forward_pre_hook(lambda mod, args: calls.append(not isinstance(args[0], FakeTensor)))
+    prof = remat.profile(model, x, repeats=1, limit_bytes=1)  # stages found on the fake copy too
+    assert prof.meta["sizes"] == "fake" and prof.meta["times"] == "estimated"
+    assert calls and not any(calls)
+
+
+def test_a_step_a_fake_copy_cannot_run_is_refused_under_a_limit():
+    model, x = BranchesOnValues(), torch.randn(64, 16)
+    with pytest.raises(remat.ProfileError, match=r"fake copy.*limit_bytes"):
+        remat.profile(model, x, repeats=1, limit_bytes=10**9)
+    with pytest.raises(remat.ProfileError, match=r"fake copy"):
+        remat.auto(model, x, budget="1MB", repeats=1)
+
+
+def test_verify_turns_a_failing_planned_step_into_a_clear_error(monkeypatch):
+    import remat.runtime.auto as auto_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(auto_module, "measure", broken)
+    model, x = mlp(6, 64)
+    with pytest.raises(VerificationError, match=r"failed when run once.*out of memory"):
+        remat.auto(model, x, budget="80%", repeats=1)
+    assert not remat.runtime.executor.is_applied(model)
+
+
+def test_verify_grads_on_a_layerdrop_model_compares_like_with_like():
+    from .zoo_models import ZOO
+
+    model, inputs, loss_fn = ZOO["layerdrop"]()
+    remat.auto(model, inputs, loss_fn=loss_fn, budget="95%", repeats=1, verify="grads")
+    assert remat.runtime.executor.is_applied(model)
+
+
+def test_a_failed_auto_leaves_transformers_checkpointing_on():
+    from .models import hf
+
+    model, inputs = hf("gpt2")
+    model.gradient_checkpointing_enable()
+    with pytest.raises(remat.InfeasibleBudgetError):
+        remat.auto(model, inputs, budget="1KiB", repeats=1)
+    assert model.is_gradient_checkpointing

@@ -419,3 +419,32 @@ def test_captured_tensors_still_in_a_graph_become_detached_leaves():
     assert b is plain and kw["w"] is w and kw["n"] == 3 and kw["bias"].grad_fn is None
     for _ in range(2):  # a second backward through a detached leaf is fine
         torch.autograd.grad((a * w).sum(), [a, w])
+
+
+class _NormBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lin2, self.bn = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)
+
+    def forward(self, x):
+        return x + torch.relu(self.lin2(torch.tanh(self.bn(self.lin(x)))))
+
+
+def test_a_selective_option_on_a_block_with_batchnorm_keeps_gradients_and_statistics():
+    import remat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), *[_NormBlock() for _ in range(4)], torch.nn.Linear(64, 1))
+    plain = copy.deepcopy(model)
+    x = torch.randn(256, 32)
+    prof = remat.add_options(remat.profile(model, x, repeats=1), model, x)
+    items = tuple(Selective(i, s.options[0].name, s.options[0].save) if s.options else Record(i)
+                  for i, s in enumerate(prof.stages))
+    assert any(isinstance(item, Selective) for item in items)
+    remat.apply(model, make_plan(prof, items, strategy="hand", budget_bytes=None))
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for b, c in zip(model.buffers(), plain.buffers()):
+        assert torch.equal(b, c)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,14 +83,29 @@ def auto(
     """
     if verify not in (True, False, "grads"):
         raise VerificationError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
-    prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
-                     repeats=repeats, sizes=sizes, progress=progress)
-    plan = _solved(prof, budget, strategy, options)
+    with _checkpointing_back_on_failure(model):
+        prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
+                         repeats=repeats, sizes=sizes, progress=progress)
+        plan = _solved(prof, budget, strategy, options)
     apply(model, plan)
     _log_summary(prof, plan)
     if verify:
         _verify(model, example_inputs, loss_fn, plan, optimizer, grads=verify == "grads")
     return model
+
+
+@contextlib.contextmanager
+def _checkpointing_back_on_failure(model: nn.Module) -> Iterator[None]:
+    """Switch off transformers' own checkpointing to profile the chain a plan runs; switched on again if
+    no plan is applied (an infeasible budget), so that the caller's fallback still checkpoints."""
+    was = hf.checkpointing_active(model)
+    hf.disable_checkpointing(model, "remat.auto")
+    try:
+        yield
+    except BaseException:
+        if was:
+            model.gradient_checkpointing_enable()  # type: ignore[operator]
+        raise
 
 
 def _solved(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any]) -> Plan:
@@ -105,7 +121,6 @@ def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: 
               block_options: bool, **kwargs: Any) -> Profile:
     """The profile, with the optimizer's state in its fixed memory (and block options if asked); no
     profiling run above the budget."""
-    hf.disable_checkpointing(model, "remat.auto")  # profile the chain the plan will run
     state = optimizer_state_bytes(model, optimizer) if optimizer is not None else 0
     cap = absolute_bytes(budget)
     prof = profile(model, example_inputs, limit_bytes=None if cap is None else max(0, cap - state), **kwargs)
@@ -130,8 +145,16 @@ def _verify(model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torc
         loss.backward()
         return loss.detach()
 
-    with preserved(model, cuda):
-        m = measure(step, model=model, inputs=tensors_in((args, kwargs)), optimizer=optimizer, warmup=1, repeats=0)
+    try:
+        with preserved(model, cuda):
+            m = measure(step, model=model, inputs=tensors_in((args, kwargs)), optimizer=optimizer, warmup=1,
+                        repeats=0)
+    except Exception as e:
+        remove(model)
+        raise VerificationError(
+            f"remat.auto: the planned step failed when run once to check it ({type(e).__name__}: {e}); the plan was"
+            " removed. Please report the model to remat"
+        ) from e
     budget = plan.budget_bytes
     if budget is not None and m.peak_bytes > budget:
         remove(model)
@@ -155,7 +178,7 @@ def _compare_gradients(model: nn.Module, step: Callable[[], torch.Tensor], cuda:
 
     with preserved(model, cuda):
         planned_loss, planned = run()
-        with suspended(model):
+        with suspended(model, layerdrop=False):  # LayerDrop skips as in the planned run
             plain_loss, plain = run()
     diffs = [n for n, g in plain.items() if not _same(g, planned[n])]
     if diffs or not torch.equal(plain_loss, planned_loss):

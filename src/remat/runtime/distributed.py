@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.errors import PlanError, PlanMismatchError, ProfileError, RematError
+from remat.errors import InfeasibleBudgetError, PlanError, PlanMismatchError, ProfileError, RematError
 from remat.planning.budget import Budget
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile, Stage
@@ -249,9 +249,14 @@ def plan_for_job(profile: Profile, budget: Budget = None, *, strategy: str = "op
 
         try:
             plan = solve(profile, budget, strategy=strategy, **options)
-        except RematError as e:
-            failure[0] = (type(e).__name__, str(e))
+        except Exception as e:  # every rank must hear of it, or the others wait in the broadcast
+            failure[0] = (type(e).__name__, str(e), getattr(e, "budget_bytes", None),
+                          getattr(e, "min_feasible_bytes", None))
     dist.broadcast_object_list(failure, src=src, group=group)
     if failure[0] is not None:
-        raise RematError(f"remat.plan_for_job: rank {src} could not plan: {failure[0][0]}: {failure[0][1]}")
+        name, message, budget_bytes, minimum = failure[0]
+        text = f"remat.plan_for_job: rank {src} could not plan: {name}: {message}"
+        if name == InfeasibleBudgetError.__name__:
+            raise InfeasibleBudgetError(text, budget_bytes=budget_bytes, min_feasible_bytes=minimum)
+        raise RematError(text)
     return broadcast_plan(plan, src=src, group=group)

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -172,6 +173,10 @@ class _Fake:
 
         for t in (*model.parameters(), *model.buffers()):
             fake(t)
+        for mod in model.modules():  # plain tensor attributes (a lookup table) too: nothing real is copied
+            for v in vars(mod).values():
+                if isinstance(v, torch.Tensor):
+                    fake(v)
         fake_model = copy.deepcopy(model, dict(memo))
         args = torch.utils._pytree.tree_map(fake, args)
         kwargs = torch.utils._pytree.tree_map(fake, kwargs)
@@ -295,9 +300,9 @@ def _checked(model: nn.Module, *, device: str | None, sizes: str, repeats: int,
 
 def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack, *,
            loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None, device: str,
-           sizes: str) -> tuple[_Step | None, _Fake | None]:
-    """The step on the device (None on meta) and its fake copy (None when sizes are measured); the model
-    is left as profiling found it when ``stack`` closes."""
+           sizes: str) -> tuple[Callable[[Sequence[str] | None], _Step] | None, _Fake | None]:
+    """How to make the step on the device, given its stages (None on meta), and the fake copy (None when
+    sizes are measured); the model is left as profiling found it when ``stack`` closes."""
     args, kwargs = as_call(example_inputs)
     stack.enter_context(suspended(model))  # a planned model is profiled as the plain model
     stack.enter_context(hf.cache_off(model))  # as a plan runs it
@@ -305,7 +310,7 @@ def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack, *
     if device != "meta":
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         stack.enter_context(preserved(model, cuda=device.startswith("cuda")))
-        real = _Step.of(model, args, kwargs, loss_fn, stages)
+        real = functools.partial(_Step.of, model, args, kwargs, loss_fn)
     fake = _Fake.of(model, args, kwargs, device) if device == "meta" or sizes != "measured" else None
     return real, fake
 
@@ -451,13 +456,15 @@ def _glibc() -> Any:
 _LIBC = _glibc()
 
 
-def _profile(real: _Step | None, fake: _Fake | None, *, loss_fn: Callable[[Any], torch.Tensor] | None,
-             stages: Sequence[str] | None, device: str, sizes: str, limit_bytes: int | None, warmup: int,
-             repeats: int, throughput: Throughput | None, tick: _Progress) -> Profile:
+def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _Fake | None, *,
+             loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None, device: str, sizes: str,
+             limit_bytes: int | None, warmup: int, repeats: int, throughput: Throughput | None,
+             tick: _Progress) -> Profile:
     limit = limit_bytes if limit_bytes is not None or device == "meta" else _default_limit(device)
-    step, runs = _sized(real, fake, sizes=sizes, limit=limit, loss_fn=loss_fn, stages=stages, throughput=throughput,
-                        estimate=throughput or THROUGHPUTS["cpu" if device == "cpu" else "h100"], warmup=warmup,
-                        tick=tick)
+    step, runs, real = _sized(make_real, fake, sizes=sizes, limit=limit, limited=limit_bytes is not None,
+                              loss_fn=loss_fn, stages=stages, throughput=throughput,
+                              estimate=throughput or THROUGHPUTS["cpu" if device == "cpu" else "h100"],
+                              warmup=warmup, device=device, tick=tick)
     groups = _identical_blocks(step, runs)
     if real is None or repeats < 1:
         times = _estimated_times(runs, groups)
@@ -485,32 +492,52 @@ def _default_limit(device: str) -> int | None:
     return None if free is None else int(PROFILE_MARGIN * free)
 
 
-def _sized(real: _Step | None, fake: _Fake | None, *, sizes: str, limit: int | None,
-           loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None,
-           throughput: Throughput | None, estimate: Throughput, warmup: int, tick: _Progress) -> tuple[_Step, Runs]:
+def _sized(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _Fake | None, *, sizes: str,
+           limit: int | None, limited: bool, loss_fn: Callable[[Any], torch.Tensor] | None,
+           stages: Sequence[str] | None, throughput: Throughput | None, estimate: Throughput, warmup: int,
+           device: str, tick: _Progress) -> tuple[_Step, Runs, _Step | None]:
     """The step whose sizes the profile reports (the fake copy's unless the real step fits, see Note
-    [Memory-safe profiling]), and its tracked runs."""
+    [Memory-safe profiling]), its tracked runs, and the step on the device (None on meta). Stages are found
+    on the fake copy, so that the model itself runs nothing that does not fit."""
     if fake is not None:
+        flash = device == "meta" or device.startswith("cuda")
         try:
-            with fake.running(flash=real is None or real.device_type() == "cuda"):
+            with fake.running(flash):
                 step = _Step.of(fake.model, fake.args, fake.kwargs, loss_fn, stages)
                 step.run("full")  # steady state: gradients allocated, lazy buffers made
                 full = step.tracked("full", estimate)
                 tick("sizes, recording (fake)")
-                if real is None or sizes == "fake" or (limit is not None and full.peak > limit):
-                    return step, _runs(step, full, estimate, tick)
+                fits = make_real is not None and sizes == "auto" and (limit is None or full.peak <= limit)
+                runs = None if fits else _runs(step, full, estimate, tick)
         except RematError:
             raise
         except Exception as e:  # an op without a fake kernel, Python branching on a tensor's value
-            if real is None or sizes == "fake":
-                raise ProfileError(
-                    f"remat.profile: the step does not run on a fake copy of the model ({type(e).__name__}:"
-                    f" {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'}), so its sizes"
-                    " cannot be found without running it; profile on the device with sizes='measured'"
-                ) from e
-            log.warning("remat.profile: the step does not run on a fake copy of the model (%s); measuring it on"
-                        " the device, which needs the memory of the step without checkpointing", type(e).__name__)
-    assert real is not None
+            _unfakeable(e, refuse=make_real is None or sizes == "fake" or limited)
+        else:
+            real = dataclasses.replace(make_real(step.names), how=step.how) if make_real is not None else None
+            if runs is not None:
+                return step, runs, real
+            assert real is not None
+            return (*_measured_sizes(real, throughput, warmup, tick), real)
+    assert make_real is not None
+    real = make_real(stages)
+    return (*_measured_sizes(real, throughput, warmup, tick), real)
+
+
+def _unfakeable(e: Exception, *, refuse: bool) -> None:
+    """The step does not run on a fake copy: refuse clearly, or say that it is measured on the device."""
+    if refuse:
+        raise ProfileError(
+            f"remat.profile: the step does not run on a fake copy of the model ({type(e).__name__}:"
+            f" {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'}), so its sizes cannot"
+            " be found without running the whole step, which may not fit (a budget or limit_bytes was given);"
+            " profile on the device with sizes='measured' if the step without checkpointing fits"
+        ) from e
+    log.warning("remat.profile: the step does not run on a fake copy of the model (%s); measuring it on the"
+                " device, which needs the memory of the step without checkpointing", type(e).__name__)
+
+
+def _measured_sizes(real: _Step, throughput: Throughput | None, warmup: int, tick: _Progress) -> tuple[_Step, Runs]:
     for _ in range(warmup):
         real.run("full")
         tick("warm-up")

@@ -381,7 +381,9 @@ def _context_fn(mods: Sequence[nn.Module], save: tuple[str, ...] | None) -> Call
             forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
         else:
             forward, recompute = selective_contexts(save)
-        return forward, (_Both(recompute, _RestoreNormStats(mods)) if mods else recompute)
+        # Norm statistics are saved and restored outside the selective recompute mode: its clone and copy
+        # are not ops the policy cached in the forward.
+        return forward, (_Both(_RestoreNormStats(mods), recompute) if mods else recompute)
 
     return make
 
@@ -458,11 +460,11 @@ def runner_of(model: nn.Module) -> Runner | None:
 
 
 @contextlib.contextmanager
-def suspended(model: nn.Module) -> Iterator[None]:
+def suspended(model: nn.Module, *, layerdrop: bool = True) -> Iterator[None]:
     """Run the plain model while profiling: a schedule installed is suspended (profiling a planned model),
-    and LayerDrop draws without skipping (every block runs; the draw between blocks is seen)."""
+    and (``layerdrop``) LayerDrop draws without skipping (every block runs; the draw between blocks is seen)."""
     runner = runner_of(model)
-    with layerdrop_draws_without_skipping(model):
+    with layerdrop_draws_without_skipping(model) if layerdrop else contextlib.nullcontext():
         if runner is None:
             yield
             return
