@@ -177,7 +177,7 @@ def test_zero_repeats_batch_or_seq_are_refused(capsys, no_work, flag):
 
 def test_other_mistakes_are_one_line_too(capsys, no_work):
     assert "unknown; use one of" in refused(capsys, "plan", "gpt2", "--strategy", "fastest", "--budget", "1GiB")
-    assert "unknown model 'gpt5'" in refused(capsys, "plan", "gpt5", "--budget", "1GiB")
+    assert "error: unknown model 'gpt5'" in refused(capsys, "plan", "gpt5", "--budget", "1GiB")  # one prefix
     assert "required: --budget" in refused(capsys, "plan", "gpt2")
     assert "name a model" in refused(capsys, "plan", "--budget", "1GiB")
     assert "invalid choice: 'frobnicate'" in refused(capsys, "frobnicate")

@@ -149,7 +149,7 @@ def test_verify_grads_compares_with_the_plain_model():
     assert remat.runtime.executor.is_applied(model)
     with pytest.raises(VerificationError, match="differ"):
         remat.auto(Drifting(), torch.randn(256, 8), budget="80%", repeats=1, verify="grads")
-    with pytest.raises(VerificationError, match="verify="):
+    with pytest.raises(RematError, match="verify="):
         remat.auto(Drifting(), torch.randn(256, 8), budget="80%", repeats=1, verify="yes")
 
 
@@ -225,3 +225,23 @@ def test_a_failed_auto_leaves_transformers_checkpointing_on():
     with pytest.raises(remat.InfeasibleBudgetError):
         remat.auto(model, inputs, budget="1KiB", repeats=1)
     assert model.is_gradient_checkpointing
+
+
+class SharedLayer(nn.Module):
+    """One layer called several times (ALBERT's sharing): no chain of blocks that each run once."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.layer, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for _ in range(4):
+            x = torch.tanh(self.layer(x))
+        return self.head(x)
+
+
+def test_an_infeasible_budget_says_when_no_chain_of_blocks_was_found():
+    prof = remat.profile(SharedLayer(), torch.randn(256, 16), repeats=1)
+    with pytest.raises(remat.InfeasibleBudgetError, match=r"kept by <glue after>embed.*called several times"):
+        solve(prof, prof.fixed_bytes + 1)

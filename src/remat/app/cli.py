@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args is not None and args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"remat: error: {msg}", file=sys.stderr)
+        print(f"remat: error: {msg.removeprefix('remat: ')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

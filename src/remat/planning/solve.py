@@ -105,10 +105,18 @@ def solve(profile: Profile, budget: Budget = None, *, strategy: str | Strategy =
 def _infeasible_message(profile: Profile, budget: int, minimum: int, strategy: str, needed: int) -> str:
     n = len(profile.stages)
     if budget < minimum:
+        total = sum(s.xbar_bytes for s in profile.stages)
+        kept = max(((s.xbar_bytes, profile.names[i]) for i, s in enumerate(profile.stages) if not s.checkpointable),
+                   default=(0, ""))
+        few = "" if kept[0] * 2 < total else (
+            f" {format_bytes(kept[0])} of the {format_bytes(total)} of activations are kept by {kept[1]}, which"
+            " cannot be checkpointed (code between blocks, or a block called several times, such as a shared"
+            " layer); name the blocks with stages=[...] if the model has them."
+        )
         return (
             f"remat.solve: budget {format_bytes(budget)} is below the smallest feasible peak"
             f" {format_bytes(minimum)} for this chain of {n} stages (fixed memory"
-            f" {format_bytes(profile.fixed_bytes)}). Raise the budget or lower the batch size."
+            f" {format_bytes(profile.fixed_bytes)}). Raise the budget or lower the batch size.{few}"
         )
     return (
         f"remat.solve: strategy '{strategy}' needs {format_bytes(needed)}, above the budget"

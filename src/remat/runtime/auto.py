@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.errors import VerificationError
+from remat.errors import RematError, VerificationError
 from remat.planning.budget import Budget, absolute_bytes
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile
@@ -82,7 +82,7 @@ def auto(
     ``use_cache`` is False while planned (restored by :func:`remat.remove`).
     """
     if verify not in (True, False, "grads"):
-        raise VerificationError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
+        raise RematError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
     with _checkpointing_back_on_failure(model):
         prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
                          repeats=repeats, sizes=sizes, progress=progress)
