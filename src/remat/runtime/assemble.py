@@ -317,7 +317,7 @@ def _with_glue(stages: list[Stage], runs: Runs, times: Times) -> list[Stage]:
         glue = _glue(runs, times, k)
         # The glue's record is still live when the window holding both backwards starts: the chain model
         # frees it at the glue's own backward, so the block's backward peak carries it.
-        freed_in = (runs.full.tl.x_bytes[k] or 0) if runs.full.tl.in_freed_by_glue[k] else 0
+        freed_in, _ = runs.full.tl.freed_by_glue(k)
         out.append(dataclasses.replace(block, input_freed_bytes=freed_in, output_released_bytes=0,
                                        bwd_transient_bytes=block.bwd_transient_bytes + glue.xbar_bytes))
         out.append(glue)
@@ -331,8 +331,7 @@ def _with_glue(stages: list[Stage], runs: Runs, times: Times) -> list[Stage]:
 def _glue(runs: Runs, times: Times, k: int) -> Stage:
     """The code between block k and block k + 1, as a stage that is never checkpointed."""
     tl, w = runs.full.tl, runs.full.glue[k]
-    freed_in = (tl.x_bytes[k] or 0) if tl.in_freed_by_glue[k] else 0
-    freed_out = tl.out_bytes[k] if tl.out_freed_by_glue[k] else 0
+    freed_in, freed_out = tl.freed_by_glue(k)
     ng = runs.nograd.glue.get(k)
     return Stage(
         name=f"{GLUE}{runs.names[k]}",

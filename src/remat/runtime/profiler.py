@@ -188,7 +188,8 @@ class _Fake:
         # An op that fails on fake tensors is handled by the caller (measured or refused clearly): torch's
         # own error log of it would only repeat the traceback.
         torch_log = logging.getLogger("torch._subclasses.fake_tensor")
-        level, torch_log.level = torch_log.level, logging.CRITICAL
+        level = torch_log.level
+        torch_log.setLevel(logging.CRITICAL)
         try:
             with self.mode, _flash_attention_on_meta() if flash else contextlib.nullcontext():
                 yield
@@ -381,6 +382,7 @@ class _Step:
     names: list[str]
     blocks: list[nn.Module]
     how: str
+    real: bool = True  # False on a fake copy: nothing is allocated, so nothing to hand back between runs
 
     @classmethod
     def of(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -408,7 +410,7 @@ class _Step:
 
     def run(self, kind: str, tracker: Tracked | None = None, cuda: bool = False) -> Timeline:
         """One run: ``kind`` is "full" (recording), "nograd", or "every" (every block its own region)."""
-        if not cuda:
+        if self.real and not cuda:
             _return_free_memory()
         reset_grads(self.model)
         with contextlib.ExitStack() as stack:
@@ -503,7 +505,7 @@ def _sized(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _Fak
         flash = device == "meta" or device.startswith("cuda")
         try:
             with fake.running(flash):
-                step = _Step.of(fake.model, fake.args, fake.kwargs, loss_fn, stages)
+                step = dataclasses.replace(_Step.of(fake.model, fake.args, fake.kwargs, loss_fn, stages), real=False)
                 step.run("full")  # steady state: gradients allocated, lazy buffers made
                 full = step.tracked("full", estimate)
                 tick("sizes, recording (fake)")

@@ -248,6 +248,11 @@ class Timeline:
             return 0
         return self.x_bytes[n - 1] or 0
 
+    def freed_by_glue(self, k: int) -> tuple[int, int]:
+        """Bytes of block k's input and of its output that the code after it released."""
+        return ((self.x_bytes[k] or 0) if self.in_freed_by_glue[k] else 0,
+                self.out_bytes[k] if self.out_freed_by_glue[k] else 0)
+
     def output_released(self, k: int) -> bool:
         """Whether block k's output is gone by its backward: block k did not save it (k = -1: the
         prologue, whose output is block 0's input), and it is not the model's input."""
