@@ -26,6 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/compare.py
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
