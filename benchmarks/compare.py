@@ -194,7 +194,7 @@ def render(results: list[dict], speed: list[tuple[int, float]], command: str, el
     verdicts = []
     for r in results:
         case, res, base = r["case"], r["res"], r["base"]
-        lines += [f"## {case.name}", "", case.description, "",
+        lines += [f"### {case.name}", "", case.description, "",
                   f"profiled in {r['profile_s']:.1f} s; optimal solved in {1e3 * r['solve_s']:.1f} ms (median);"
                   f" step without checkpointing {base.time_s * 1e3:.0f} ms, peak {format_bytes(base.peak_bytes)};"
                   f" fixed memory {r['prof'].fixed_summary()}; timing noise {100 * r['noise']:.1f}%", ""]
@@ -256,7 +256,8 @@ def render(results: list[dict], speed: list[tuple[int, float]], command: str, el
             lines.append(f"- {'MET' if met else 'MISSED'}: {name} — {fig}")
             verdicts.append((case.name, name, met, fig))
         lines.append("")
-    lines += ["## Planner speed", "", "`remat.solve(..., strategy='optimal', slots=500)` on random heterogeneous chains"
+    lines += ["### Planner speed", "",
+              "`remat.solve(..., strategy='optimal', slots=500)` on random heterogeneous chains"
               " (median of 3; includes the baselines it also simulates):", "", "| stages | time |", "|---|---|"]
     lines += [f"| {n} | {t:.2f} s |" for n, t in speed]
     target = {100: 1.0, 200: 5.0}

@@ -153,3 +153,21 @@ def test_llama_7b_shape_profiles_on_meta_without_memory():
     none = simulate(prof, solve(prof, None, strategy="none"))
     act = prof.meta["measured_peak_bytes"] - prof.base_bytes
     assert 0 <= none.peak_bytes - prof.meta["measured_peak_bytes"] <= 0.002 * act + 1  # the safety margin
+
+
+def test_timed_runs_are_not_preceded_by_handing_memory_back(monkeypatch):
+    """Trimming the heap before a timed run makes its allocations fault in fresh pages, which a training
+    loop's steps do not: the profile then over-prices every window and under-prices checkpointing."""
+    from remat.runtime import profiler, timeline
+
+    log: list[str] = []
+    trim = profiler._return_free_memory
+    durations = timeline.Timeline.durations
+    monkeypatch.setattr(profiler, "_return_free_memory", lambda: (log.append("trim"), trim())[1])
+    monkeypatch.setattr(timeline.Timeline, "durations", lambda self: (log.append("timed"), durations(self))[1])
+    model, x = mlp(4, 32)
+    remat.profile(model, x, repeats=3, sizes="measured", progress=False)
+    first, last = log.index("timed"), len(log) - 1 - log[::-1].index("timed")
+    assert log.count("timed") >= 3 * 3 - 1  # three kinds of run (or two), three repeats
+    assert "trim" not in log[first:last], log
+    assert "trim" in log[last:], "memory is handed back once timing is over"
