@@ -29,7 +29,11 @@ Note: [Block options]
    the ops it recomputes (each op's fastest run) plus the policy's overhead, one figure per block fitted
    to those measurements (see :func:`_block_options`). The region's figure, measured the same way,
    replaces the block's ``fwd_region_s`` (``region_times``), so that the planner weighs regions and
-   options on one scale. Dominated options are dropped.
+   options on one scale. Dominated options are dropped. These figures are then put on the profile's
+   scale: multiplied by the block's forward and backward in the profile (medians of whole steps) over
+   the plain block's run alone (the fastest run). The fastest runs of a block alone and the medians of
+   whole steps differ with the machine's load; their ratio does not, so a profile made on a loaded
+   machine no longer finds options and regions cheap beside records.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint, noop_context_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from remat.errors import ProfileError
-from remat.planning.profile import BlockOption, Profile
+from remat.planning.profile import BlockOption, Profile, Stage
 from remat.runtime import hf
 from remat.runtime.measure import MemoryTracker
 from remat.runtime.model import as_call, carry_of, find_stages, split_carry, tensors_in
@@ -305,9 +309,9 @@ REGION = "<region>"
 
 def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, float]:
     """Per option, and for a plain checkpoint (:data:`REGION`), the time of the block's forward and
-    backward with it less the plain block's: the fastest of ``repeats`` runs each, interleaved, after
-    one untimed run of each (on a shared machine, noise only adds time: the fastest run is the stable
-    figure)."""
+    backward with it less the plain block's (under ``""``: the plain block's own): the fastest of
+    ``repeats`` runs each, interleaved, after one untimed run of each (on a shared machine, noise only adds
+    time: the fastest run is the stable figure)."""
     runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None), (REGION, noop_context_fn)]
     runs += [(name, _context_fn(save)) for name, save in saves.items()]
     samples: dict[str, list[float]] = defaultdict(list)
@@ -318,7 +322,10 @@ def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: i
             if rep:
                 samples[name].append(time.perf_counter() - start)
     base = min(samples[""])
-    return {name: min(samples[name]) - base for name, _ in runs[1:]}
+    # Each extra as a share of the plain block's time in the same round, the median over rounds: the
+    # machine's load changes between rounds, and shares of one round do not.
+    return {"": base, **{name: base * statistics.median((t - p) / p for t, p in zip(samples[name], samples[""]))
+                         for name, _ in runs[1:]}}
 
 
 def _pareto(measured: list[_Measured], record_kept: int) -> list[_Measured]:
@@ -339,6 +346,7 @@ class _BlockFigures:
     record_kept: int  # bytes a plain record keeps, measured as the options' are
     region_s: float  # what a one-block region adds, measured as the options' times are
     options: list[_Measured]
+    plain_s: float  # the plain block's forward and backward, measured the same way
 
 
 def saved_keys(save: Sequence[str], ops: Sequence[OpRecord]) -> frozenset[str]:
@@ -367,7 +375,7 @@ def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _Bl
         kept, transient = _kept(call, save)
         measured.append(_Measured(name, save, kept, transient, recomputed[name] + overhead))
     region_s = max(extra[REGION], sum(o.time_s for o in ops))
-    return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept))
+    return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept), extra[""])
 
 
 # ---- the model -----------------------------------------------------------------------------------------
@@ -440,6 +448,13 @@ class _Untouched:
                 b.copy_(v)
 
 
+def _time_scale(stage: Stage, fig: _BlockFigures) -> float:
+    """The factor from the block's own runs to the profile's times (Note [Block options], 4): its forward
+    and backward in the profile over the same, run alone."""
+    profiled = stage.fwd_s + stage.bwd_s
+    return profiled / fig.plain_s if profiled > 0 and fig.plain_s > 0 else 1.0
+
+
 def _figures_of(call: _BlockCall, name: str, repeats: int, cuts: Sequence[float]) -> _BlockFigures | str:
     """The block's figures, or why it cannot have options (said once, as a warning): the block takes no
     tensor hidden state, runs different ops in two identical forwards, or cannot run alone on its captured
@@ -498,9 +513,10 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
             if isinstance(fig, str):
                 skipped[name] = fig
                 continue
-            options = tuple(BlockOption(o.name, o.save, max(0, xbar - (fig.record_kept - o.kept_bytes)), o.recompute_s,
-                                        o.fwd_transient_bytes) for o in fig.options)
-            region_s = fig.region_s if region_times else new[i].fwd_region_s
+            scale = _time_scale(new[i], fig)
+            options = tuple(BlockOption(o.name, o.save, max(0, xbar - (fig.record_kept - o.kept_bytes)),
+                                        o.recompute_s * scale, o.fwd_transient_bytes) for o in fig.options)
+            region_s = fig.region_s * scale if region_times else new[i].fwd_region_s
             new[i] = dataclasses.replace(new[i], options=options, fwd_region_s=region_s)
     meta = {**prof.meta, "options_profiled_blocks": len(shared), "options_skipped": skipped}
     return dataclasses.replace(prof, stages=tuple(new), meta=meta)
