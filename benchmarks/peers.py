@@ -253,10 +253,14 @@ class Point:
     peer: bool = True
 
 
-def ratios(times: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
+def ratios(times: dict[str, list[float]], base: str, again: str) -> dict[str, tuple[float, float, float]]:
+    """Per variant: the median and quartiles over rounds of its time over the round's base, the mean of the
+    two identical no-checkpointing variants (one noisy base sample would shift every ratio); ``again``'s
+    own ratio is to ``base`` alone, its spread the run's noise."""
     out = {}
+    bases = [(a + b) / 2 for a, b in zip(times[base], times[again])]
     for label, ts in times.items():
-        r = sorted(t / b for t, b in zip(ts, times[base]))
+        r = sorted(t / b for t, b in zip(ts, times[base] if label == again else bases))
         q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
         out[label] = (statistics.median(r), q[0], q[2])
     return out
@@ -307,12 +311,13 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     print(f"   timing {len(variants)} variants x {args.repeats} rounds", file=sys.stderr, flush=True)
     times = time_variants(model, inputs, variants, repeats=args.repeats)
-    for label, r in ratios(times, "no checkpointing").items():
+    for label, r in ratios(times, "no checkpointing", "no checkpointing, again").items():
         points[label].ratio = r
     stability = plan_stability(model, inputs, prof, budgets, args) if args.stability else []
     return {"name": name, "text": text, "points": points, "fixed": fixed, "budgets": budgets, "prof": prof,
             "none_ms": 1e3 * statistics.median(times["no checkpointing"]), "profile_s": profile_s,
-            "stability": stability, "seconds": time.perf_counter() - t0, "none_s": none_s}
+            "stability": stability, "stability_n": args.stability, "seconds": time.perf_counter() - t0,
+            "none_s": none_s}
 
 
 def budgets_at_peers(points: dict[str, Point]) -> dict[str, int]:
@@ -351,7 +356,14 @@ def plan_stability(model: torch.nn.Module, inputs: dict[str, Any], prof: remat.P
         except remat.InfeasibleBudgetError:
             continue
         same = sum(p.items == first.items for p in plans)
-        priced = [remat.simulate(prof, p.items).time_s for p in plans]
+        # On the first profile; a plan with an option that profile does not list (options are pruned by
+        # measured times) is priced on its own profile.
+        priced = []
+        for p in plans:
+            try:
+                priced.append(remat.simulate(prof, p.items).time_s)
+            except remat.PlanError:
+                priced.append(p.time_s)
         spread = (max(priced + [first.time_s]) - min(priced + [first.time_s])) / first.time_s
         out.append((at, same, spread))
     return out
@@ -411,7 +423,7 @@ def targets(r: dict[str, Any], act_none: int) -> list[str]:
                f" largest error {100 * max(errs):.1f}%, median {100 * statistics.median(errs):.1f}%"
                f" (timing noise ±{100 * noise_of(r):.1f}%)")
     if r["stability"]:
-        n = max(s[1] for s in r["stability"]) if r["stability"] else 0
+        n = r["stability_n"]
         worst = max(s[2] for s in r["stability"])
         same = ", ".join(f"{s[1]}" for s in r["stability"])
         out.append(f"- {'met' if worst <= 0.02 else 'MISSED'}: the same plan (or one within 2% predicted time)"
@@ -484,7 +496,10 @@ def main() -> int:
         return 0
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results = [bench_model(name, args) for name in args.models.split(",")]
+    results = []
+    for name in args.models.split(","):
+        results.append(bench_model(name, args))
+        print("\n".join(render(results[-1])), flush=True)  # kept should a later model fail
     write(results, args, time.perf_counter() - t0, Path(args.out))
     return 0
 
