@@ -274,8 +274,11 @@ def write_section(out: Path, section: str, start: str = START, end: str = END) -
     """Replace the text from ``start`` to ``end`` in ``out`` by ``section`` (which begins and ends with
     them), keeping the rest of the file; or append the section."""
     text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    a, b = text.find(start), text.find(end)
+    if (a >= 0) != (b >= 0) or (a >= 0 and b < a):
+        raise SystemExit(f"{out}: the markers {start!r} and {end!r} are not one pair, in order: mend the file")
+    if a >= 0:
+        text = text[:a] + section + text[b + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     out.write_text(text)

@@ -448,3 +448,19 @@ def test_a_selective_option_on_a_block_with_batchnorm_keeps_gradients_and_statis
         assert torch.equal(p.grad, q.grad), name
     for b, c in zip(model.buffers(), plain.buffers()):
         assert torch.equal(b, c)
+
+
+def test_option_times_are_put_on_the_profile_scale_with_outliers_at_the_median():
+    """A block's options are scaled by its profiled forward and backward over its run alone; a block
+    with no backward window, or a scale more than 2x off the others', takes the median scale."""
+    from remat.runtime.ops import _BlockFigures, _scales
+
+    p = Profile.from_lists([100] * 5, [100] * 5, [1.0] * 5, [2.0] * 5)
+    stages = list(p.stages)
+    stages[3] = dataclasses.replace(stages[3], bwd_s=0.0)  # its backward went to the glue after it
+    stages[4] = dataclasses.replace(stages[4], fwd_s=30.0)  # a window stretched by another process
+    fig = _BlockFigures(record_kept=100, region_s=0.5, options=[], plain_s=1.5)
+    scales = _scales(stages, dict.fromkeys(range(5), fig))
+    assert scales[0] == scales[1] == scales[2] == pytest.approx(2.0)
+    assert scales[3] == scales[4] == pytest.approx(2.0)
+    assert _scales(stages, {}) == {}

@@ -161,13 +161,15 @@ def test_timed_runs_are_not_preceded_by_handing_memory_back(monkeypatch):
     from remat.runtime import profiler, timeline
 
     log: list[str] = []
-    trim = profiler._return_free_memory
-    durations = timeline.Timeline.durations
+    trim, run, durations = profiler._return_free_memory, profiler._Step.run, timeline.Timeline.durations
     monkeypatch.setattr(profiler, "_return_free_memory", lambda: (log.append("trim"), trim())[1])
+    monkeypatch.setattr(profiler._Step, "run", lambda self, *a, **k: (log.append("run"), run(self, *a, **k))[1])
     monkeypatch.setattr(timeline.Timeline, "durations", lambda self: (log.append("timed"), durations(self))[1])
     model, x = mlp(4, 32)
     remat.profile(model, x, repeats=3, sizes="measured", progress=False)
     first, last = log.index("timed"), len(log) - 1 - log[::-1].index("timed")
-    assert log.count("timed") >= 3 * 3 - 1  # three kinds of run (or two), three repeats
+    assert log.count("timed") == 3 * 3  # three kinds of run (recording, not recording, every block a region)
     assert "trim" not in log[first:last], log
+    warmup = log[:first][::-1]
+    assert warmup.index("trim") >= 1 + 3, f"three warm-up runs, untrimmed, before the first timed one: {log}"
     assert "trim" in log[last:], "memory is handed back once timing is over"

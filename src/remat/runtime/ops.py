@@ -24,16 +24,18 @@ Note: [Block options]
    moved: the same ranking from every profile, where measured op times on a shared machine differ).
 4. Each candidate is run as it will run in a plan — the block in a non-reentrant checkpoint with the
    policy — under :class:`remat.MemoryTracker` (the bytes it keeps, its forward peak, exact), and timed
-   against the block's plain forward and backward, interleaved with a plain one-block checkpoint (the
-   fastest runs: noise on a shared machine only adds time). An option's ``recompute_s`` is the time of
-   the ops it recomputes (each op's fastest run) plus the policy's overhead, one figure per block fitted
+   against the block's plain forward and backward, interleaved with a plain one-block checkpoint (each
+   extra: the median over rounds of its share of the plain run's time in the same round, the order
+   rotated each round; times the plain block's fastest run). An option's ``recompute_s`` is the time of
+   the ops it recomputes (each op's median run) plus the policy's overhead, one figure per block fitted
    to those measurements (see :func:`_block_options`). The region's figure, measured the same way,
    replaces the block's ``fwd_region_s`` (``region_times``), so that the planner weighs regions and
    options on one scale. Dominated options are dropped. These figures are then put on the profile's
-   scale: multiplied by the block's forward and backward in the profile (medians of whole steps) over
-   the plain block's run alone (the fastest run). The fastest runs of a block alone and the medians of
-   whole steps differ with the machine's load; their ratio does not, so a profile made on a loaded
-   machine no longer finds options and regions cheap beside records.
+   scale: multiplied by the block's forward and backward in the profile over the plain block's run
+   alone (:func:`_time_scale`; with estimated profile times, that maps them onto the estimate). A block
+   alone and the whole steps of a profile run at different speeds with the machine's load; the ratio
+   does not, so a profile made on a loaded machine no longer finds options and regions cheap beside
+   records.
 """
 
 from __future__ import annotations
@@ -309,16 +311,20 @@ REGION = "<region>"
 
 def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, float]:
     """Per option, and for a plain checkpoint (:data:`REGION`), the time of the block's forward and
-    backward with it less the plain block's (under ``""``: the plain block's own): the fastest of
-    ``repeats`` runs each, interleaved, after one untimed run of each (on a shared machine, noise only adds
-    time: the fastest run is the stable figure)."""
+    backward with it less the plain block's (under ``""``: the plain block's own, its fastest run): the
+    median over ``repeats`` rounds of its share of the plain run's time in the same round, times that
+    fastest run; one untimed round first."""
     runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None), (REGION, noop_context_fn)]
     runs += [(name, _context_fn(save)) for name, save in saves.items()]
     samples: dict[str, list[float]] = defaultdict(list)
+    sync = torch.cuda.synchronize if any(p.is_cuda for p in call.module.parameters()) else (lambda: None)
     for rep in range(max(1, repeats) + 1):
-        for name, fn in runs:
+        k = rep % len(runs)  # rotated: no run always follows the same one
+        for name, fn in [*runs[k:], *runs[:k]]:
+            sync()
             start = time.perf_counter()
             _grad_step(call, fn)
+            sync()
             if rep:
                 samples[name].append(time.perf_counter() - start)
     base = min(samples[""])
@@ -448,11 +454,23 @@ class _Untouched:
                 b.copy_(v)
 
 
-def _time_scale(stage: Stage, fig: _BlockFigures) -> float:
+def _time_scale(stage: Stage, fig: _BlockFigures) -> float | None:
     """The factor from the block's own runs to the profile's times (Note [Block options], 4): its forward
-    and backward in the profile over the same, run alone."""
-    profiled = stage.fwd_s + stage.bwd_s
-    return profiled / fig.plain_s if profiled > 0 and fig.plain_s > 0 else 1.0
+    and backward in the profile over the same, run alone; None without both figures."""
+    if stage.fwd_s <= 0 or stage.bwd_s <= 0 or fig.plain_s <= 0:
+        return None
+    return (stage.fwd_s + stage.bwd_s) / fig.plain_s
+
+
+def _scales(stages: Sequence[Stage], figs: dict[int, _BlockFigures]) -> dict[int, float]:
+    """Each block's time scale; the median of all where a block's own is missing or more than 2x off it
+    (a backward window that holds the glue's after the block, a time at the floor)."""
+    own = {i: _time_scale(stages[i], fig) for i, fig in figs.items()}
+    known = [v for v in own.values() if v is not None]
+    if not known:
+        return dict.fromkeys(figs, 1.0)
+    mid = statistics.median(known)
+    return {i: v if v is not None and mid / 2 <= v <= 2 * mid else mid for i, v in own.items()}
 
 
 def _figures_of(call: _BlockCall, name: str, repeats: int, cuts: Sequence[float]) -> _BlockFigures | str:
@@ -479,7 +497,7 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
             parameters' ``.grad``, buffers and the RNG untouched). A Hugging Face model runs without its
             KV cache, as a plan runs it.
         stages: explicit block names, as given to :func:`remat.profile`.
-        repeats: timed runs per figure (the fastest, interleaved).
+        repeats: timed rounds per figure (interleaved; Note [Block options], 4).
         cuts: the greedy cuts to try, as shares of the block's savable bytes.
         region_times: also set each block's ``fwd_region_s`` from the same runs as its options' times
             (a plain one-block checkpoint against the plain block), so that the planner compares
@@ -499,24 +517,29 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     index = {name: i for i, name in enumerate(prof.names)}
     shared: dict[str, _BlockFigures | str] = {}
     skipped: dict[str, str] = {}
-    new = list(prof.stages)
+    figs: dict[int, _BlockFigures] = {}
     with suspended(model), hf.cache_off(model), _Untouched([model]):
         calls = _capture(model, example_inputs, blocks)
         for name, _mod in blocks:
             i = index.get(name)
-            if i is None or not new[i].checkpointable or name not in calls:
+            if i is None or not prof.stages[i].checkpointable or name not in calls:
                 continue
             sig = _signature(calls[name])
             if sig not in shared:
                 shared[sig] = _figures_of(calls[name], name, repeats, cuts)
-            fig, xbar = shared[sig], new[i].xbar_bytes
+            fig = shared[sig]
             if isinstance(fig, str):
                 skipped[name] = fig
-                continue
-            scale = _time_scale(new[i], fig)
-            options = tuple(BlockOption(o.name, o.save, max(0, xbar - (fig.record_kept - o.kept_bytes)),
-                                        o.recompute_s * scale, o.fwd_transient_bytes) for o in fig.options)
-            region_s = fig.region_s * scale if region_times else new[i].fwd_region_s
-            new[i] = dataclasses.replace(new[i], options=options, fwd_region_s=region_s)
-    meta = {**prof.meta, "options_profiled_blocks": len(shared), "options_skipped": skipped}
+            else:
+                figs[i] = fig
+    scales = _scales(prof.stages, figs)
+    new = list(prof.stages)
+    for i, fig in figs.items():
+        s, scale = new[i], scales[i]
+        options = tuple(BlockOption(o.name, o.save, max(0, s.xbar_bytes - (fig.record_kept - o.kept_bytes)),
+                                    o.recompute_s * scale, o.fwd_transient_bytes) for o in fig.options)
+        new[i] = dataclasses.replace(s, options=options, fwd_region_s=fig.region_s * scale if region_times
+                                     else s.fwd_region_s)
+    meta = {**prof.meta, "options_profiled_blocks": len(shared), "options_skipped": skipped,
+            "options_time_scale": {prof.stages[i].name: round(v, 4) for i, v in scales.items()}}
     return dataclasses.replace(prof, stages=tuple(new), meta=meta)

@@ -592,10 +592,16 @@ def _measured_times(step: _Step, runs: Runs, kinds: tuple[str, ...], groups: dic
                     repeats: int, tick: _Progress) -> Times:
     """Medians of timed runs of each kind, interleaved (full, nograd, every, full, ...)."""
     cuda = step.device_type() == "cuda"
-    for _ in range(warmup):  # untimed: the allocator then holds what every kind of run needs (no trimming below)
+    if step.real and not cuda:
+        _return_free_memory()
+    # Untimed, untrimmed: the allocator then holds what every kind of run needs, as in a training loop's
+    # steady state. (Freed memory is not handed back until timing is over: the interleaved kinds reach a
+    # steady heap after this warm-up.)
+    for _ in range(warmup):
         for kind in kinds:
-            step.run(kind, cuda=cuda)
-        tick("warm-up")
+            step.run(kind, cuda=cuda, trim=False)
+        if "full" not in kinds:  # with "full", the sizing runs' warm-up was counted
+            tick("warm-up")
     timed: dict[str, list[dict[Key, float]]] = {kind: [] for kind in ("full", "nograd", "every")}
     for _ in range(repeats):
         for kind in kinds:
