@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -303,9 +304,18 @@ def plot(results: list[dict], path: Path) -> None:
         opt = [res[r["labels"][p.items]] for (b, s), p in r["chosen"].items() if s == "optimal" and p is not None]
         ax.scatter([m.peak_bytes / scale for m in opt], [m.time_ratio for m in opt], marker="*", s=90,
                    color="tab:green", edgecolor="black", label="remat optimal (measured)", zorder=5)
-        ax.set_title(r["case"].name)
-        ax.set_xlabel("measured peak memory (MiB)")
-        ax.set_ylabel("step time / no checkpointing")
+    finish_figure(fig, path, [(ax, r["case"].name) for ax, r in zip(axes, results)],
+                  "measured peak memory (MiB)", "step time / no checkpointing")
+
+
+def finish_figure(fig: Any, path: Path, titled_axes: list[tuple[Any, str]], xlabel: str, ylabel: str) -> None:
+    """Title, label, grid and legend each axis; lay out, save to ``path`` and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    for ax, title in titled_axes:
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 import transformers
-from compare import write_section  # benchmarks/compare.py, beside this script
+from compare import finish_figure, write_section  # benchmarks/compare.py, beside this script
 from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 import remat
@@ -452,14 +452,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.errorbar([p.peak / MIB], [med], yerr=[[med - lo], [hi - med]], fmt="none", ecolor="gray", lw=0.8)
             ax.scatter([p.peak / MIB], [med], label=p.label if p.peer else None, **style)
         ax.scatter([], [], marker="*", s=90, color="tab:green", edgecolor="black", label="remat (measured)")
-        ax.set_title(r["name"])
-        ax.set_xlabel("peak memory (MiB)")
-        ax.set_ylabel("step time / no checkpointing (median, IQR)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish_figure(fig, path, [(ax, r["name"]) for ax, r in zip(axes[0], results)], "peak memory (MiB)",
+                  "step time / no checkpointing (median, IQR)")
 
 
 START, END = "<!-- benchmarks/peers.py: start -->", "<!-- benchmarks/peers.py: end -->"

@@ -415,8 +415,8 @@ class _Step:
         would then fault in fresh pages, which a training loop's steps do not (measured on a Llama config:
         the profiled windows summed to 1.45x the plain step's time, and checkpointing's overhead was
         under-predicted by a quarter)."""
-        if self.real and not cuda and trim:
-            _return_free_memory()
+        if trim:
+            self.hand_back(cuda)
         reset_grads(self.model)
         with contextlib.ExitStack() as stack:
             if kind == "every":
@@ -431,6 +431,11 @@ class _Step:
             (self.nograd if kind == "nograd" else self.train)(tl)
         tl.check(self.names)
         return tl
+
+    def hand_back(self, cuda: bool) -> None:
+        """Hand memory freed by earlier runs back to the system (real CPU runs only)."""
+        if self.real and not cuda:
+            _return_free_memory()
 
     def device_type(self) -> str:
         return next(iter(self.model.parameters()), torch.empty(0)).device.type
@@ -592,8 +597,7 @@ def _measured_times(step: _Step, runs: Runs, kinds: tuple[str, ...], groups: dic
                     repeats: int, tick: _Progress) -> Times:
     """Medians of timed runs of each kind, interleaved (full, nograd, every, full, ...)."""
     cuda = step.device_type() == "cuda"
-    if step.real and not cuda:
-        _return_free_memory()
+    step.hand_back(cuda)
     # Untimed, untrimmed: the allocator then holds what every kind of run needs, as in a training loop's
     # steady state. (Freed memory is not handed back until timing is over: the interleaved kinds reach a
     # steady heap after this warm-up.)
@@ -607,8 +611,7 @@ def _measured_times(step: _Step, runs: Runs, kinds: tuple[str, ...], groups: dic
         for kind in kinds:
             timed[kind].append(step.run(kind, cuda=cuda, trim=False).durations())
             tick(f"timing, {kind}")
-    if step.real and not cuda:
-        _return_free_memory()
+    step.hand_back(cuda)
     source = ("measured" if "full" in kinds else "measured, every block checkpointed" if "every" in kinds
               else "measured forwards; backward estimated")
     return Times(timed["full"], timed["nograd"], timed["every"], groups, _backward_keys(runs.full),
