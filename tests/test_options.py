@@ -464,3 +464,85 @@ def test_option_times_are_put_on_the_profile_scale_with_outliers_at_the_median()
     assert scales[0] == scales[1] == scales[2] == pytest.approx(2.0)
     assert scales[3] == scales[4] == pytest.approx(2.0)
     assert _scales(stages, {}) == {}
+
+
+# ---- options on models with glue, in-place code and unlike blocks ------------------------------------
+
+
+@cache
+def _zoo_with_options(name):
+    import remat
+    from remat.runtime.ops import add_options
+
+    from .test_zoo import _seed
+    from .zoo_models import ZOO
+
+    model, inputs, loss_fn = ZOO[name]()
+    pristine = copy.deepcopy(model)
+    _seed()
+    prof = remat.profile(model, inputs, loss_fn=loss_fn, repeats=1, progress=False)
+    return pristine, inputs, loss_fn, add_options(prof, model, inputs, repeats=1)
+
+
+def _one_option_plans(prof):
+    """Each option of each block alone (the other stages recorded), and each option name on every block
+    that has it."""
+    n = len(prof.stages)
+    out = []
+    for b in prof.block_indices():
+        for o in prof.stages[b].options:
+            out.append(tuple(Selective(b, o.name, o.save) if i == b else Record(i) for i in range(n)))
+    for name in {o.name for s in prof.stages for o in s.options}:
+        out.append(tuple(Selective(i, name, s.option(name).save) if any(o.name == name for o in s.options)
+                         else Record(i) for i, s in enumerate(prof.stages)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["swin", "vit", "residual_in_parent", "inplace_mul_between_blocks"])
+def test_each_option_runs_the_plain_step_within_its_exact_prediction(name):
+    """Filed: options under-predicted by up to 8% of the activations (a Swin block with a shifted window
+    took the options of the unshifted one; an option cached the block's output, which the parent adds to or
+    the head keeps) and crashed in backward when the parent wrote the block's output in place. Each option
+    must give the plain step bit for bit and peak no higher than predicted without the safety margin."""
+    import remat
+
+    from .test_zoo import _assert_same_loss, _assert_same_state, _forward_backward, _step, _tensors
+
+    pristine, inputs, loss_fn, prof = _zoo_with_options(name)
+    exact = dataclasses.replace(prof, safety_fraction=0.0)
+    plans = _one_option_plans(prof)
+    assert plans, f"{name}: no block got options"
+    plain = copy.deepcopy(pristine)
+    ref = _step(plain, inputs, loss_fn)
+    for items in plans:
+        what = f"{name}: " + ", ".join(it.describe() for it in items if isinstance(it, Selective))
+        planned = copy.deepcopy(pristine)
+        remat.apply(planned, make_plan(prof, items, strategy="hand", budget_bytes=None))
+        _assert_same_loss(ref, _step(planned, inputs, loss_fn), what)
+        _assert_same_state(plain, planned, what)
+        measured = remat.measure(lambda m=planned: _forward_backward(m, inputs, loss_fn), model=planned,
+                                 inputs=_tensors(inputs), repeats=0).peak_bytes
+        predicted = simulate(exact, items).peak_bytes
+        assert measured <= predicted, f"{what}: measured {measured} B > predicted {predicted} B"
+
+
+def test_the_op_that_makes_a_blocks_output_is_never_saved():
+    """Code after a block may write its output in place or free it: SAC must not cache it."""
+    from remat.runtime.ops import _BlockCall, block_ops
+
+    from .zoo_models import FeedForward
+
+    torch.manual_seed(0)
+    ops = block_ops(_BlockCall(FeedForward(32), (torch.randn(8, 32),), {}), 1)
+    last = [o for o in ops if o.name == "aten.addmm.default"][-1]
+    assert last.escapes and not last.savable
+    assert [o.key for o in ops if o.escapes] == [last.key]
+    assert any(o.savable and o.name == "aten.addmm.default" for o in ops)  # the first matmul still is
+
+
+def test_blocks_of_one_class_that_run_different_ops_do_not_share_options():
+    """Swin's second block shifts its window (a roll and an attention mask): its own ops, its own options."""
+    _pristine, _inputs, _loss_fn, prof = _zoo_with_options("swin")
+    a, b = (prof.stages[prof.names.index(f"layers.0.blocks.{k}")] for k in (0, 1))
+    assert a.options and b.options
+    assert [o.save for o in a.options] != [o.save for o in b.options]

@@ -16,7 +16,7 @@ stage may free) when ``pinned == LOOSE`` — and the gradient ``y_{l+1}`` (``x_{
                                 + cost[PINNED, i, j-1, m - hold_{j-1}]
                  for j in i+1 … min(l, region_end[i]),  if m >= max(x_{l+1} + sweep[i, j],  x_j)
     option:  cost[p, i, l, m] = uf_i + ub_i + r_{i,k} + cost[LOOSE, i+1, l, m - kept_{i,k}]
-                 if m >= max(x_{l+1} + kept_{i,k} + of_{i,k},  body_i,  kept_{i,k})
+                 if m >= max(x_{l+1} + kept_{i,k} + of_{i,k},  body_i,  body_{i,k},  kept_{i,k})
                  for each selective option k of block i (i == l: uf_i + ub_i + r_{i,k})
     cost[p, i, l, m] = the smallest of these;  answer: cost[PINNED, 0, L, S]
 
@@ -26,7 +26,8 @@ frees when the input is loose; ``sweep[i, j]`` the peak of the region's unrecord
 An option (a :class:`remat.BlockOption`: block ``i`` in its own checkpoint with a selective policy)
 keeps ``kept_{i,k}`` bytes and adds ``r_{i,k}`` seconds; ``body_i`` is the peak of its backward, the
 record rebuilt (``max(x_{i+1} + xbar_i + of_i, x_i + x_{i+1} + xbar_i - released_i + extra_i + ob_i) +
-hold_i``, as :func:`remat.planning.simulate._selective` counts it).
+hold_i``, as :func:`remat.planning.simulate._selective` counts it), never below ``body_{i,k} = x_i + x_{i+1}
++ xbar_i - released_i + ob_i + bwd_extra_{i,k} + hold_i`` (the option's measured backward peak).
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
 :attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to
@@ -136,6 +137,7 @@ class _Option:
     kept: int  # slots kept from the first pass to the backward, output included
     of: int  # slots above kept during the first pass
     extra_s: float  # recompute_s
+    body: int  # slots its backward needs beyond the stage's body: a plain backward plus bwd_extra_bytes
 
 
 def _up(values: list[int], delta: int) -> Ints:
@@ -160,10 +162,12 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
     of = _up([s.fwd_transient_bytes for s in st], delta)
     ob = _up([s.bwd_transient_bytes for s in st], delta)
     hold = _up([s.recompute_hold_bytes for s in st], delta)
-    body = np.maximum(x[1:] + xbar + of, x[:-1] + x[1:] + xbar - released + extra + ob) + hold
+    plain_backward = x[:-1] + x[1:] + xbar - released + ob
+    body = np.maximum(x[1:] + xbar + of, plain_backward + extra) + hold
     options = tuple(
         tuple(_Option(Selective(i, o.name, o.save), -(-o.kept_bytes // delta), -(-o.fwd_transient_bytes // delta),
-                      o.recompute_s) for o in s.options)
+                      o.recompute_s, int(plain_backward[i] + hold[i]) + -(-o.bwd_extra_bytes // delta))
+              for o in s.options)
         for i, s in enumerate(st)
     )
     return _Chain(
@@ -293,7 +297,7 @@ class _Solver:
         best = np.full(top + 1, INF, dtype=np.float32)
         choice = np.zeros(top + 1, dtype=np.int32)
         for k, o in enumerate(c.options[i]):
-            needs = max(c.x[l + 1] + o.kept + o.of, int(c.body[i]), o.kept, 0)
+            needs = max(c.x[l + 1] + o.kept + o.of, int(c.body[i]), o.body, o.kept, 0)
             cost = self._then_rest(i, l, needs, o.kept, np.float32(c.step_s[i] + np.float32(o.extra_s)))
             better = cost < best
             best = np.where(better, cost, best)

@@ -46,6 +46,9 @@ class BlockOption:
         recompute_s: what the option adds to the step: the recomputation of the ops it does not save,
             and the policy's own overhead.
         fwd_transient_bytes: peak above ``kept_bytes`` while the block's first pass runs.
+        bwd_extra_bytes: how far the block's backward (its recomputation under the policy, then its
+            backward) peaks above a plain record's backward, both measured alone: a recomputation that
+            returns cached outputs can hold more at once than the first pass did.
     """
 
     name: str
@@ -53,6 +56,7 @@ class BlockOption:
     kept_bytes: int
     recompute_s: float
     fwd_transient_bytes: int = 0
+    bwd_extra_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "save", tuple(self.save))
@@ -61,7 +65,7 @@ class BlockOption:
         if not all(isinstance(op, str) and op for op in self.save):
             raise ProfileError(f"BlockOption {self.name!r}: save={self.save!r} must hold op names such as"
                                " 'aten.mm.default' or 'aten.mm.default#2'")
-        for f in ("kept_bytes", "fwd_transient_bytes"):
+        for f in ("kept_bytes", "fwd_transient_bytes", "bwd_extra_bytes"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ProfileError(f"BlockOption {self.name!r}: {f}={v!r} must be a non-negative int of bytes")

@@ -100,8 +100,9 @@ def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
 
     Note: [Selective items] The backward side is the one-block region's body, ``Record(i)`` inside a
     recomputation with the gradient ``y_{i+1}`` as its reserve, plus ``recompute_hold_i``: the record is
-    whole again while the backward runs. Time: one recorded forward, the backward, and the option's
-    ``recompute_s``.
+    whole again while the backward runs, and never below a plain record's backward plus the option's
+    measured ``bwd_extra_bytes`` (a recomputation under a policy can hold more at once than a recording
+    forward). Time: one recorded forward, the backward, and the option's ``recompute_s``.
     """
     i = item.stage
     s = profile.stages[i]
@@ -109,8 +110,8 @@ def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
     x_out = profile.output_bytes(i)
     forward = reserve + option.kept_bytes + option.fwd_transient_bytes
     rebuild = x_out + s.xbar_bytes + s.fwd_transient_bytes
-    backward = (s.x_bytes + x_out + s.xbar_bytes - s.output_released_bytes + s.recompute_bwd_extra_bytes
-                + s.bwd_transient_bytes)
+    plain_backward = s.x_bytes + x_out + s.xbar_bytes - s.output_released_bytes + s.bwd_transient_bytes
+    backward = plain_backward + max(s.recompute_bwd_extra_bytes, option.bwd_extra_bytes)
     body = max(rebuild, backward) + s.recompute_hold_bytes
     return _Step(s.fwd_s + s.bwd_s + option.recompute_s, max(forward, body), option.kept_bytes)
 

@@ -8,7 +8,8 @@ Note: [Block options]
    of an earlier run); a captured tensor still part of a graph (one the model cached from an earlier
    forward) is replaced by a detached leaf. Each run of the block is its own forward on these inputs,
    the hidden state a new leaf. Identical blocks (same class, parameter shapes, argument shapes and
-   values) are profiled once and share their options. A block that cannot be measured alone (no tensor
+   values, and the same ops with the same sizes in one recording forward) are profiled once and share
+   their options. A block that cannot be measured alone (no tensor
    hidden state, different ops in two identical forwards, a failure run alone or in a checkpoint) gets
    no options, with a warning and its reason in the profile's ``meta["options_skipped"]``.
 2. A block's recording forward runs under :class:`OpRecorder`: per op (the ops SAC's policy sees, in the
@@ -18,10 +19,13 @@ Note: [Block options]
    autograd saves (``saved_tensors_hooks`` attribute each saved storage to the op that made it).
 3. An op may be saved only if it creates new memory and is neither random (a saved random op would
    shift the random draws of the ops recomputed after it: every random op is recomputed, in order, from
-   the restored RNG state), in place, a view, nor written in place later (SAC refuses a cached output
-   that changed). Candidates: SAC's usual policy (matmuls and attention), matmuls only, and greedy cuts
-   of the savable ops ranked by recompute seconds per byte (a roofline estimate from FLOPs and bytes
-   moved: the same ranking from every profile, where measured op times on a shared machine differ).
+   the restored RNG state), in place, a view, written in place later (SAC refuses a cached output that
+   changed), nor the maker of what the block returns: code after the block may write that in place
+   (``x *= 2``, ``ReLU(inplace=True)``: SAC would then raise in backward) or free it (the chain model
+   lets the next stage release its input; a cached output would stay live). Candidates: SAC's usual
+   policy (matmuls and attention), matmuls only, and greedy cuts of the savable ops ranked by recompute
+   seconds per byte (a roofline estimate from FLOPs and bytes moved: the same ranking from every
+   profile, where measured op times on a shared machine differ).
 4. Each candidate is run as it will run in a plan — the block in a non-reentrant checkpoint with the
    policy — under :class:`remat.MemoryTracker` (the bytes it keeps, its forward peak, exact), and timed
    against the block's plain forward and backward, interleaved with a plain one-block checkpoint (each
@@ -92,6 +96,7 @@ class OpRecord:
     inplace: bool
     view: bool  # it created no storage but returned tensors (a view or an in-place result)
     mutated: bool = False  # an in-place op wrote into its output later
+    escapes: bool = False  # its output is (part of) the block's output: code after the block may free or write it
     saved_bytes: int = 0  # bytes of its output autograd saved
     flops: float = 0.0
     moved_bytes: int = 0  # bytes of its inputs and outputs
@@ -106,7 +111,7 @@ class OpRecord:
 
     @property
     def savable(self) -> bool:
-        return self.out_bytes > 0 and not (self.random or self.inplace or self.view or self.mutated)
+        return self.out_bytes > 0 and not (self.random or self.inplace or self.view or self.mutated or self.escapes)
 
 
 def _generator_states(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
@@ -178,6 +183,13 @@ class OpRecorder(TorchDispatchMode):
         self.ops.append(rec)
         return out
 
+    def returned(self, out: Any) -> None:
+        """Mark the ops whose outputs the block returns (Note [Block options], 3)."""
+        for t in tree_flatten(out)[0]:
+            s = _storage(t) if isinstance(t, torch.Tensor) else None
+            if s is not None and s in self.producer:
+                self.ops[self.producer[s]].escapes = True
+
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """A ``saved_tensors_hooks`` pack: credit the saved storage to the op that made it, once."""
         s = _storage(t)
@@ -229,6 +241,7 @@ def block_ops(call: _BlockCall, repeats: int) -> list[OpRecord]:
         rec = OpRecorder()
         with rec, torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
             out = call.module(*args, **kwargs)
+        rec.returned(out)
         del out
         runs.append(rec.ops)
     first = runs[0]
@@ -285,20 +298,29 @@ class _Measured:
     kept_bytes: int
     fwd_transient_bytes: int
     recompute_s: float
+    bwd_extra_bytes: int = 0  # the block's backward peak above a plain record's
 
 
-def _kept(call: _BlockCall, save: tuple[str, ...] | None) -> tuple[int, int]:
-    """``(kept, forward peak above kept)`` of the block's first pass: plain (``save`` None) or in a
-    checkpoint with the option's policy, measured by storage tracking (the input is not counted)."""
-    args, kwargs, _x = call.fresh()
+def _kept(call: _BlockCall, save: tuple[str, ...] | None) -> tuple[int, int, int]:
+    """``(kept, forward peak above kept, backward peak)`` of the block: plain (``save`` None) or in a
+    checkpoint with the option's policy, measured by storage tracking (the input is not counted). The
+    backward peak is the highest live total while the block's backward runs (its recomputation
+    included), the gradient of its output and what the first pass kept counted in."""
+    args, kwargs, x = call.fresh()
     with MemoryTracker() as t:
         if save is None:
             out = call.module(*args, **kwargs)
         else:
             out = checkpoint(call.module, *args, use_reentrant=False, context_fn=_context_fn(save), **kwargs)
         kept, peak = t.live_bytes, t.peak_bytes
-    del out
-    return kept, peak - kept
+        y = carry_of(out)
+        grad = torch.ones_like(y)
+        t.reset_peak()
+        wrt = [x, *(p for p in call.module.parameters() if p.requires_grad)]
+        grads = torch.autograd.grad(y, wrt, grad, allow_unused=True)
+        backward = t.peak_bytes
+    del out, y, grad, grads
+    return kept, peak - kept, backward
 
 
 def _context_fn(save: tuple[str, ...]) -> Callable[[], tuple[Any, Any]]:
@@ -371,15 +393,16 @@ def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _Bl
     measured, never below that of every op (all must run again)."""
     ops = block_ops(call, repeats)
     saves = candidates(ops, cuts)
-    record_kept, _ = _kept(call, None)
+    record_kept, _, record_bwd = _kept(call, None)
     extra = _extra_times(call, saves, repeats)
     keys = {name: saved_keys(save, ops) for name, save in saves.items()}
     recomputed = {name: sum(o.time_s for o in ops if o.key not in keys[name]) for name in saves}
     overhead = max(0.0, statistics.median(extra[n] - recomputed[n] for n in saves)) if saves else 0.0
     measured = []
     for name, save in saves.items():
-        kept, transient = _kept(call, save)
-        measured.append(_Measured(name, save, kept, transient, recomputed[name] + overhead))
+        kept, transient, backward = _kept(call, save)
+        measured.append(_Measured(name, save, kept, transient, recomputed[name] + overhead,
+                                  max(0, backward - record_bwd)))
     region_s = max(extra[REGION], sum(o.time_s for o in ops))
     return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept), extra[""])
 
@@ -422,9 +445,12 @@ def _capture(model: nn.Module, example_inputs: Any, blocks: Sequence[tuple[str, 
 
 
 def _signature(call: _BlockCall) -> str:
-    """Same for blocks that run the same ops on the same sizes: class, structure, parameters, arguments."""
+    """Same for blocks that run the same ops on the same sizes: class, structure, parameters, arguments,
+    and the ops of one recording forward with their sizes (two blocks of one class can run different
+    ops: a Swin block with a shifted window rolls its input and masks its attention)."""
     m = call.module
     parts = [type(m).__qualname__, repr(m)]
+    parts += [f"{o.key}:{o.out_bytes}:{o.saved_bytes}:{o.savable}" for o in block_ops(call, 1)]
     parts += [f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in m.named_parameters()]
     for where, value in [*enumerate(call.args), *call.kwargs.items()]:
         tensors = tensors_in(value)
@@ -524,7 +550,10 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
             i = index.get(name)
             if i is None or not prof.stages[i].checkpointable or name not in calls:
                 continue
-            sig = _signature(calls[name])
+            try:
+                sig = _signature(calls[name])
+            except Exception:  # _figures_of says why the block cannot run alone
+                sig = name
             if sig not in shared:
                 shared[sig] = _figures_of(calls[name], name, repeats, cuts)
             fig = shared[sig]
@@ -537,7 +566,8 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     for i, fig in figs.items():
         s, scale = new[i], scales[i]
         options = tuple(BlockOption(o.name, o.save, max(0, s.xbar_bytes - (fig.record_kept - o.kept_bytes)),
-                                    o.recompute_s * scale, o.fwd_transient_bytes) for o in fig.options)
+                                    o.recompute_s * scale, o.fwd_transient_bytes, o.bwd_extra_bytes)
+                        for o in fig.options)
         new[i] = dataclasses.replace(s, options=options, fwd_region_s=fig.region_s * scale if region_times
                                      else s.fwd_region_s)
     meta = {**prof.meta, "options_profiled_blocks": len(shared), "options_skipped": skipped,
