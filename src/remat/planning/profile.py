@@ -223,7 +223,9 @@ class Profile:
             against a budget. Profiles of real models set 0.002: the profile is exact for every plan
             shape it calibrates, but deep nesting can keep a few small tensors (normalisation
             statistics, a small layer's output) alive a little longer (measured: 224 bytes on a 640 KB
-            peak). Profiles built by hand keep 0.
+            peak). Profiles built by hand keep 0. The plan with every block its own region, which the
+            profiler ran, is charged its measured peak instead (``meta["measured_every_act_bytes"]``;
+            Note [Safety margin] in :mod:`remat.planning.simulate`).
         meta: free-form facts for reports (model name, dtype, measured peak, ...).
     """
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from remat.planning.plan import Item, Plan, Prediction, Record, Region, Selective
 from remat.planning.profile import Profile
 
-__all__ = ["simulate", "sweep_bytes"]
+__all__ = ["safety_bytes", "simulate", "sweep_bytes"]
 
 
 def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
@@ -116,6 +116,27 @@ def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
     return _Step(s.fwd_s + s.bwd_s + option.recompute_s, max(forward, body), option.kept_bytes)
 
 
+def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
+    """What the prediction adds to the chain model's activation ``peak`` of ``items``.
+
+    Note: [Safety margin] A measured profile's predictions are raised by ``safety_fraction`` of the
+    activation peak: the chain model extrapolates from the runs the profiler made to plans it never ran.
+    One plan it did run: every block its own region, the calibration run (Note [Calibrating
+    recomputation]), whose peak above ``base_bytes`` it keeps in ``meta["measured_every_act_bytes"]``.
+    That plan is charged its measured peak, or the model's where higher, and no margin: with a margin,
+    a budget set to Hugging Face's every-layer checkpointing's own peak would refuse that very schedule.
+    """
+    measured = profile.meta.get("measured_every_act_bytes")
+    if isinstance(measured, int) and tuple(items) == _every_items(profile):
+        return max(0, measured - peak)
+    return math.ceil(profile.safety_fraction * max(0, peak))
+
+
+def _every_items(profile: Profile) -> tuple[Item, ...]:
+    return tuple(Region(k, k + 1, (Record(k),)) if s.checkpointable else Record(k)
+                 for k, s in enumerate(profile.stages))
+
+
 def _forwards(items: Sequence[Item], counts: list[int]) -> None:
     for it in items:
         if isinstance(it, Selective):
@@ -161,7 +182,7 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     bwd = sum(s.bwd_s for s in st)
     recompute = max(0.0, total - fwd - bwd)
     return Prediction(
-        peak_bytes=profile.base_bytes + peak + math.ceil(profile.safety_fraction * max(0, peak)),
+        peak_bytes=profile.base_bytes + peak + safety_bytes(profile, items, peak),
         fwd_s=fwd,
         bwd_s=bwd,
         recompute_s=recompute,

@@ -151,6 +151,10 @@ def assemble(runs: Runs, times: Times, *, params_bytes: int, grads_bytes: int, f
         meta={
             **meta,
             "measured_peak_bytes": runs.full.peak,
+            # Note: [Safety margin] (remat.planning.simulate): the every-block plan's measured peak, above
+            # base_bytes (fixed memory, x_0 and the head's residual), so that it stays true when fixed
+            # memory grows (optimizer state).
+            "measured_every_act_bytes": runs.every.peak - (runs.full.start.live + residual + held),
             "carry_shapes": [list(s) if s else None for s in runs.full.tl.shapes],
             "flops": sum(e.flops for e in runs.full.tl.events),
             "times": times.source,
