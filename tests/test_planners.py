@@ -156,6 +156,33 @@ def test_optimal_on_seven_stages_equals_exhaustive():
             assert solve(p, budget).time_s == pytest.approx(ref[0], rel=1e-6)
 
 
+def test_optimal_equals_exhaustive_with_recomputation_holds_and_copies():
+    """A region's body is charged what its end holds and what its recomputation copies (norm statistics
+    of every stage in it) in the DP exactly as in the simulator: one slot is one byte, so they agree."""
+    charged = 0
+    for seed in range(4):
+        rng = random.Random(seed)
+        base = chain(6, seed)
+        p = Profile(stages=tuple(dataclasses.replace(s, recompute_hold_bytes=rng.randint(0, 3),
+                                                     recompute_copy_bytes=rng.randint(0, 6) if s.checkpointable else 0)
+                                 for s in base.stages), fixed_bytes=base.fixed_bytes)
+        plain = Profile(stages=tuple(dataclasses.replace(s, recompute_copy_bytes=0) for s in p.stages),
+                        fixed_bytes=p.fixed_bytes)
+        long_region = (Record(0), Region(1, 5, tuple(Record(k) for k in range(1, 5))), Record(5))
+        copies = sum(s.recompute_copy_bytes for s in p.stages[1:5])
+        assert simulate(p, long_region).peak_bytes <= simulate(plain, long_region).peak_bytes + copies
+        charged += simulate(p, long_region).peak_bytes > simulate(plain, long_region).peak_bytes
+        none = simulate(p, solve(p, None, strategy="none")).peak_bytes
+        low = min(simulate(p, items).peak_bytes for items in all_plans(0, 5))
+        assert min_feasible_plan(p).peak_bytes == low
+        for share in (0.0, 0.4, 0.8):
+            budget = int(low + share * (none - low))
+            ref = exhaustive(p, budget)
+            assert ref is not None
+            assert solve(p, budget).time_s == pytest.approx(ref[0], rel=1e-6)
+    assert charged > 0
+
+
 def test_min_feasible_is_the_exhaustive_minimum():
     for seed in range(6):
         p = chain(6, seed)
@@ -422,6 +449,7 @@ def large_chain(n, seed):
             output_released_bytes=rng.randint(0, 10_000),
             recompute_bwd_extra_bytes=rng.randint(0, 30_000),
             recompute_hold_bytes=rng.randint(0, 20_000),
+            recompute_copy_bytes=rng.randint(0, 4_000) if s.checkpointable else 0,
             joins_previous=rng.random() > 0.1,
             checkpointable=s.checkpointable and rng.random() > 0.1,
         )

@@ -14,12 +14,13 @@ the recurrence, mirroring :func:`remat.planning.simulate._seq` term by term, is:
     record:  max(x_{l+1} + xbar_i + of_i,
                  x_i + x_{i+1} + keep[p, i] - released_i + extra_i [l < L] + ob_i,
                  keep[p, i] + peak[LOOSE, i+1, l] [i < l])
-    region:  max(x_{l+1} + sweep(i, j),  x_j + peak[LOOSE, j, l],  peak[PINNED, i, j-1] + hold_{j-1})
+    region:  max(x_{l+1} + sweep(i, j),  x_j + peak[LOOSE, j, l],  peak[PINNED, i, j-1] + hold_{j-1} + copy_{i,j})
              for j in i+1 … min(l, region_end[i])
     peak[p, i, l] = the smaller of the two
 
 where ``extra_i`` (a backward inside a recomputation) is charged exactly where the simulator charges it:
-in every range but the top-level ranges ``i … L``, because region bodies never end at ``L``. The plans it
+in every range but the top-level ranges ``i … L``, because region bodies never end at ``L``;
+``copy_{i,j}`` is what the region's recomputation copies (Σ recompute_copy_k over its stages). The plans it
 ranges over are the optimal DP's: regions nest freely, never end at the end of their range, and hold
 only checkpointable stages that join. O(L^3) exact integer arithmetic, vectorised over ``j``.
 """
@@ -31,7 +32,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from remat.planning.optimal import LOOSE, PINNED, RECORD, region_ends
+from remat.planning.optimal import LOOSE, PINNED, RECORD, copy_bytes, region_ends
 from remat.planning.plan import Item, Record, Region
 from remat.planning.profile import Profile
 
@@ -96,6 +97,7 @@ def _solve(profile: Profile) -> tuple[Ints, npt.NDArray[np.int32]]:
     n = len(profile.stages)
     s = _sizes(profile)
     x, keep, hold, sweep, region_end = s["x"], s["keep"], s["hold"], s["sweep"], s["region_end"]
+    copies = copy_bytes(profile)  # copies[i, l]: what a region over i..l copies while it is recomputed
     # A record's own peak: its forward (plus the range's reserve x_{l+1}), or its backward.
     forward = (s["xbar"] + s["of"]).tolist()
     backward = (x[:n] + x[1:] + keep - s["released"] + s["ob"]).tolist()  # [p][i], extra not included
@@ -111,7 +113,7 @@ def _solve(profile: Profile) -> tuple[Ints, npt.NDArray[np.int32]]:
             if j_last >= i + 1:
                 js = np.arange(i + 1, j_last + 1)
                 regions = np.maximum(np.maximum(reserve + sweep[i, js], x[js] + peak[LOOSE, js, l]),
-                                     peak[PINNED, i, i:j_last] + hold[i:j_last])
+                                     peak[PINNED, i, i:j_last] + hold[i:j_last] + copies[i, i:j_last])
                 k = int(np.argmin(regions))
                 best_region, best_j = int(regions[k]), i + 1 + k
             rest = int(peak[LOOSE, i + 1, l]) if i < l else 0

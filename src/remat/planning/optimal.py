@@ -13,7 +13,7 @@ stage may free) when ``pinned == LOOSE`` — and the gradient ``y_{l+1}`` (``x_{
                  if m >= max(x_{l+1} + xbar_i + of_i,  x_i + x_{i+1} + keep[p, i] + ob_i + margin_i,  keep[p, i])
                  (i == l: uf_i + ub_i, under the same condition)
     region:  cost[p, i, l, m] = Σ_{k=i}^{j-1} region_s_k + cost[LOOSE, j, l, m - x_j]
-                                + cost[PINNED, i, j-1, m - hold_{j-1}]
+                                + cost[PINNED, i, j-1, m - hold_{j-1} - copy_{i,j}]
                  for j in i+1 … min(l, region_end[i]),  if m >= max(x_{l+1} + sweep[i, j],  x_j)
     option:  cost[p, i, l, m] = uf_i + ub_i + r_{i,k} + cost[LOOSE, i+1, l, m - kept_{i,k}]
                  if m >= max(x_{l+1} + kept_{i,k} + of_{i,k},  body_i,  body_{i,k},  kept_{i,k})
@@ -22,6 +22,8 @@ stage may free) when ``pinned == LOOSE`` — and the gradient ``y_{l+1}`` (``x_{
 
 ``keep[p, i]`` is what ``Record(i)`` holds while the rest of the range runs: ``xbar_i``, less the input it
 frees when the input is loose; ``sweep[i, j]`` the peak of the region's unrecorded first pass;
+``copy_{i,j} = Σ_{k=i}^{j-1} recompute_copy_k`` what the region's recomputation copies (norm statistics),
+charged beside its body as the simulator charges it (Note [Copies in recomputation]);
 ``region_end[i]`` how far a region starting at ``i`` may reach (checkpointable stages that join).
 An option (a :class:`remat.BlockOption`: block ``i`` in its own checkpoint with a selective policy)
 keeps ``kept_{i,k}`` bytes and adds ``r_{i,k}`` seconds; ``body_i`` is the peak of its backward, the
@@ -73,8 +75,8 @@ class Table:
     x: Ints
     keep: Ints  # keep[pinned, i]: slots a record of stage i holds for the rest of the range
     width: int = 0  # the table's last slot index (>= slots when records can free more than they keep)
-    # hold[l]: slots live while a region ending at l recomputes
-    hold: Ints = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # beside[i, l]: slots live beside the body of a region i..l while it recomputes (hold_l + copy_{i,l+1})
+    beside: Ints = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     # options[i]: per option of stage i, (the Selective item that runs it, the slots it keeps)
     options: tuple[tuple[tuple[Selective, int], ...], ...] = ()
 
@@ -106,7 +108,7 @@ class Table:
                 i += 1
             else:  # a region i..j-1, then the rest from j
                 j = choice
-                out.append(Region(i, j, self._items(PINNED, i, j - 1, m - int(self.hold[j - 1]))))
+                out.append(Region(i, j, self._items(PINNED, i, j - 1, m - int(self.beside[i, j - 1]))))
                 m -= int(self.x[j])
                 i = j
             pinned = LOOSE
@@ -121,6 +123,7 @@ class _Chain:
     keep: Ints  # keep[pinned, i]
     margin: Ints  # what a backward may need beyond the chain model, on the safe side (module docstring)
     hold: Ints
+    beside: Ints  # beside[i, l]: beside a region i..l's body, what its end holds and the copies it makes
     of: Ints
     ob: Ints
     step_s: Floats  # uf_i + ub_i
@@ -176,6 +179,7 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
         keep=np.stack([xbar, xbar - freed]),
         margin=np.maximum(0, extra - released),
         hold=hold,
+        beside=hold[None, :] + -(-copy_bytes(profile) // delta),
         of=of,
         ob=ob,
         step_s=uf + ub,
@@ -185,6 +189,13 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
         body=body,
         options=options,
     )
+
+
+def copy_bytes(profile: Profile) -> Ints:
+    """``copies[i, l]``: bytes a region over stages ``i … l`` copies while it is recomputed, Σ_{k=i}^{l}
+    recompute_copy_k (zero where ``l < i``)."""
+    cum = np.concatenate([[0], np.cumsum([s.recompute_copy_bytes for s in profile.stages])]).astype(np.int64)
+    return np.triu(cum[None, 1:] - cum[:-1, None])
 
 
 def region_ends(profile: Profile) -> Ints:
@@ -232,7 +243,7 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
             dp.solve_range(i, l)
     options = tuple(tuple((o.item, o.kept) for o in per) for per in chain.options)
     return Table(cost=dp.cost, decision=dp.decision, delta=delta, slots=budget, x=chain.x, keep=chain.keep,
-                 width=width, hold=chain.hold, options=options)
+                 width=width, beside=chain.beside, options=options)
 
 
 class _Solver:
@@ -246,7 +257,8 @@ class _Solver:
         self.decision = np.zeros((2, *shape), dtype=np.int32)
         # rest_after_region[l, j, m] = cost[LOOSE, j, l, m - x_j]: the rest j..l beside a region's output x_j
         self.rest_after_region: Floats = np.full(shape, INF, dtype=np.float32)
-        # recompute[i, l, m] = cost[PINNED, i, l, m - hold_l]: a region's body, beside what its end holds
+        # recompute[i, l, m] = cost[PINNED, i, l, m - beside[i, l]]: a region's body, beside what its end
+        # holds and the copies its recomputation makes
         self.recompute: Floats = np.full(shape, INF, dtype=np.float32)
         # below[t, m] is INF for m < t, 0 from t on: adding below[threshold] masks too-small slot counts
         ms = np.arange(width + 1)
@@ -265,11 +277,11 @@ class _Solver:
             self.cost[pinned, i, l] = np.where(better, region, record)
             self.decision[pinned, i, l] = np.where(better, region_choice, np.where(np.isfinite(record), RECORD, 0))
         top = self.width
-        x_i, hold_l = int(self.chain.x[i]), int(self.chain.hold[l])
+        x_i, beside = int(self.chain.x[i]), int(self.chain.beside[i, l])
         if x_i <= top:
             self.rest_after_region[l, i, x_i:] = self.cost[LOOSE, i, l, : top + 1 - x_i]
-        if hold_l <= top:
-            self.recompute[i, l, hold_l:] = self.cost[PINNED, i, l, : top + 1 - hold_l]
+        if beside <= top:
+            self.recompute[i, l, beside:] = self.cost[PINNED, i, l, : top + 1 - beside]
 
     def _best_region(self, i: int, l: int) -> tuple[Floats, npt.NDArray[np.int32]]:
         """Per slot count, the cheapest region ``i … j-1`` followed by ``j … l``, and its ``j`` (0: none).

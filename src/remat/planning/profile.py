@@ -109,6 +109,10 @@ class Stage:
             inside a recomputed region (measured with every block its own region).
         recompute_hold_bytes: bytes beyond the chain model that stay live while a region ending with
             this stage is recomputed (measured likewise).
+        recompute_copy_bytes: bytes a recomputation copies for the stage before it runs and holds
+            until every block of the region has run again: the running statistics of its BatchNorm
+            layers, restored afterwards so that they move once per step. A region holds its stages'
+            copies together while it is recomputed.
         fwd_region_s: what putting the stage in a checkpoint region adds to the step: its unrecorded
             first pass plus its recomputation beyond a recorded forward (measured with every block its
             own region); None: ``fwd_s``, one more forward.
@@ -133,6 +137,7 @@ class Stage:
     output_released_bytes: int = 0
     recompute_bwd_extra_bytes: int = 0
     recompute_hold_bytes: int = 0
+    recompute_copy_bytes: int = 0
     fwd_region_s: float | None = None
     options: tuple[BlockOption, ...] = ()
 
@@ -164,6 +169,7 @@ class Stage:
             "output_released_bytes",
             "recompute_bwd_extra_bytes",
             "recompute_hold_bytes",
+            "recompute_copy_bytes",
         ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -82,13 +82,22 @@ def _record(profile: Profile, i: int, reserve: int, *, pinned: bool, top: bool) 
 
 def _region(profile: Profile, item: Region, reserve: int) -> _Step:
     """``Region(i, j, body)``: an unrecorded sweep over ``i … j-1`` keeping ``x_j``; after the rest, the
-    body recomputes from ``x_i`` with the gradient ``y_j`` (``x_j`` bytes) as its reserve."""
+    body recomputes from ``x_i`` with the gradient ``y_j`` (``x_j`` bytes) as its reserve.
+
+    Note: [Copies in recomputation] Before a region's blocks run again, their norms' running statistics
+    are copied (``recompute_copy_bytes``), and the copies are released only after the last block has
+    run: a long region holds all of them at once (the profile's calibration, every block its own region,
+    sees one block's copies only). They are live in the body's forwards, gone by its backwards; the body
+    is charged them throughout, like ``recompute_hold``: on the safe side, by the copies when the body
+    peaks in a backward, because the DPs charge them so (a reserve that depends on where the region
+    starts is not a term of their tables) and must agree with this simulator.
+    """
     i, j = item.start, item.stop
     st = profile.stages
     sweep = reserve + sweep_bytes(profile, i, j)
     x_j = profile.output_bytes(j - 1)
     time_body, peak_body = _seq(profile, item.body, x_j, False)
-    peak_body += st[j - 1].recompute_hold_bytes
+    peak_body += st[j - 1].recompute_hold_bytes + sum(st[k].recompute_copy_bytes for k in range(i, j))
     time_sweep = sum(st[k].region_s for k in range(i, j))
     return _Step(time_sweep, max(sweep, peak_body), x_j, time_body)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from remat.planning.profile import Profile, Stage
@@ -35,6 +35,7 @@ class Runs:
     every: Run  # recording, every block its own checkpoint region
     names: list[str]
     inputs_bytes: int
+    copies: list[int] = field(default_factory=list)  # per block: what its recomputation copies (norm statistics)
 
 
 @dataclass
@@ -217,6 +218,7 @@ def _block(runs: Runs, times: Times, k: int, last_freed: int) -> Stage:
         fwd_flops=w.end.flops,
         input_freed_bytes=freed,
         output_released_bytes=out_bytes if tl.output_released(k) else 0,
+        recompute_copy_bytes=runs.copies[k] if k < len(runs.copies) else 0,
     )
 
 
@@ -282,7 +284,11 @@ def _calibrated(runs: Runs, times: Times, stages: list[Stage], *, base: int) -> 
     backward window of block k holds its recomputation and its backward. What was live at its start
     beyond the chain model's figure (recompute_hold_bytes: e.g. the region's first-pass output, still
     referenced) and what the window rose above the model's figure for it (recompute_bwd_extra_bytes)
-    are kept per block, and charged whenever the block ends, or runs inside, a recomputed region."""
+    are kept per block, and charged whenever the block ends, or runs inside, a recomputed region. The
+    window also holds the copies the recomputation makes (recompute_copy_bytes, Note [Copies in
+    recomputation] in simulate.py); the rise is measured over the figure without them, so where they
+    set the window's peak it keeps them too: a Selective item, which charges no copies of its own,
+    relies on that. A region, which charges them beside its body, may count them twice (safe side)."""
     tl, n = runs.full.tl, len(runs.names)
     out = list(stages)
     for k, w in runs.every.backward.items():

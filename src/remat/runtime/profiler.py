@@ -50,7 +50,7 @@ from remat.runtime.model import (
     model_signature,
     tensors_in,
 )
-from remat.runtime.regions import Runner, suspended
+from remat.runtime.regions import Runner, recompute_copy_bytes, suspended
 from remat.runtime.timeline import THROUGHPUTS, Key, Run, Throughput, Timeline, Tracked
 
 log = logging.getLogger("remat")
@@ -563,7 +563,8 @@ def _runs(step: _Step, full: Run, throughput: Throughput | None, tick: _Progress
     tick("sizes, no recording")
     every = step.tracked("every", throughput)
     tick("sizes, recomputing")
-    return Runs(full=full, nograd=nograd, every=every, names=step.names, inputs_bytes=step.inputs_bytes())
+    return Runs(full=full, nograd=nograd, every=every, names=step.names, inputs_bytes=step.inputs_bytes(),
+                copies=[recompute_copy_bytes(b) for b in step.blocks])
 
 
 def _identical_blocks(step: _Step, runs: Runs) -> dict[int, list[int]]:

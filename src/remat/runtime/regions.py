@@ -60,9 +60,25 @@ from remat.runtime.model import Extras, call_with_carry, carry_of, extras_of, sa
 from remat.runtime.policy import selective_contexts
 from remat.runtime.stages import layerdrop_draws_without_skipping
 
-__all__ = ["Runner", "runner_of", "suspended"]
+__all__ = ["Runner", "recompute_copy_bytes", "runner_of", "suspended"]
 
 _ATTR = "_remat_runner"
+
+
+def _norms(block: nn.Module) -> list[nn.Module]:
+    """The BatchNorm-like modules of a block whose running statistics a recomputation would move."""
+    return [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def _norm_stats(norm: nn.Module) -> list[torch.Tensor]:
+    return [buf for buf in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+            if isinstance(buf, torch.Tensor)]
+
+
+def recompute_copy_bytes(block: nn.Module) -> int:
+    """Bytes a recomputation of ``block`` copies before it runs and holds until its region has run
+    again: its norms' running statistics (:class:`_RestoreNormStats`)."""
+    return sum(buf.numel() * buf.element_size() for m in _norms(block) for buf in _norm_stats(m))
 
 
 class _RestoreNormStats:
@@ -75,12 +91,7 @@ class _RestoreNormStats:
 
     def __enter__(self) -> None:
         with torch.no_grad():
-            self.saved = [
-                (buf, buf.clone())
-                for m in self.modules
-                for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-                if isinstance(buf, torch.Tensor)
-            ]
+            self.saved = [(buf, buf.clone()) for m in self.modules for buf in _norm_stats(m)]
 
     def __exit__(self, *exc: Any) -> None:
         with torch.no_grad():
@@ -172,9 +183,7 @@ class Runner:
         self.suspended = False
         self.previous: Runner | None = None
         self.frames: list[_Frame] = []
-        self.norms = {k: [m for m in mod.modules()
-                          if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-                      for k, mod in blocks.items()}
+        self.norms = {k: _norms(mod) for k, mod in blocks.items()}
 
     # ---- install ----------------------------------------------------------------------------------
     def install(self) -> Runner:
