@@ -33,13 +33,13 @@ def chain_with_options(n, seed, options_per_block=2, calibrated=False):
     )
     stages = []
     for k, s in enumerate(base.stages):
-        extra = {"recompute_hold_bytes": rng.randint(0, 3)}
+        extra = {"recompute_hold_bytes": rng.randint(0, 3), "recompute_copy_bytes": rng.randint(0, 2)}
         if calibrated:
             extra |= {"recompute_bwd_extra_bytes": rng.randint(0, 3), "output_released_bytes": rng.randint(0, 2)}
         if s.checkpointable:
             opts = tuple(
                 BlockOption(f"opt{j}", (f"aten.mm.default#{j}",), rng.randint(1, s.xbar_bytes),
-                            rng.uniform(0.05, 1.0) * s.fwd_s, rng.randint(0, 4))
+                            rng.uniform(0.05, 1.0) * s.fwd_s, rng.randint(0, 4), rng.randint(0, 3))
                 for j in range(options_per_block)
             )
             extra["options"] = opts

@@ -8,6 +8,7 @@ exception, or any silent difference, fails.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import re
 import traceback
@@ -22,6 +23,7 @@ from torch import nn
 
 import remat
 from remat import InfeasibleBudgetError, Profile, RematError, simulate, solve
+from remat.planning.plan import Selective
 from remat.planning.solve import min_feasible_plan
 
 from .zoo_models import ZOO, filed_reproducer
@@ -250,6 +252,45 @@ def test_plan_gives_the_same_step_within_the_budget(zoo: Entry, where: str) -> N
             pytest.fail(f"{zoo.name}: solve refused budget {budget} B although the smallest feasible peak is"
                         f" {low} B: {e}")
         _refused(e, zoo)
+
+
+_WITH_OPTIONS: dict[str, Profile] = {}
+
+
+def _with_cheap_options(entry: Entry, prof: Profile) -> Profile:
+    """The profile with block options (:func:`remat.add_options`), their times cut to a tenth of a
+    region's so that the planner takes them wherever they save memory: what is checked is how they run
+    and what they hold, not whether they pay."""
+    if entry.name not in _WITH_OPTIONS:
+        from remat.runtime.ops import add_options
+
+        model = copy.deepcopy(entry.model)
+        with_options = add_options(prof, model, entry.inputs, repeats=1, cuts=(0.5,))
+        _WITH_OPTIONS[entry.name] = dataclasses.replace(with_options, stages=tuple(
+            dataclasses.replace(s, options=tuple(dataclasses.replace(o, recompute_s=0.1 * s.region_s)
+                                                 for o in s.options)) for s in with_options.stages))
+    return _WITH_OPTIONS[entry.name]
+
+
+def test_plan_with_block_options_gives_the_same_step_within_the_budget(zoo: Entry) -> None:
+    """As remat.auto(block_options=True) plans: options on every block that can have them, planned at the
+    midpoint budget; the same loss, gradients and buffers bit for bit, and no more than the budget."""
+    prof = _profile(zoo)
+    if prof is None:
+        return
+    budget, _ = _budget(prof, "midpoint")
+    prof = _with_cheap_options(zoo, prof)
+    plan = solve(prof, budget)
+    plain, planned = copy.deepcopy(zoo.model), copy.deepcopy(zoo.model)
+    remat.apply(planned, plan)
+    chosen = [it.describe() for it in plan.items if isinstance(it, Selective)]
+    what = f"{zoo.name} with options {chosen} at budget {budget} B ({_stages(prof)})"
+    _assert_same_loss(_step(plain, zoo.inputs, zoo.loss_fn), _step(planned, zoo.inputs, zoo.loss_fn), what)
+    _assert_same_state(plain, planned, what)
+    measured = remat.measure(lambda: _forward_backward(planned, zoo.inputs, zoo.loss_fn), model=planned,
+                             inputs=_tensors(zoo.inputs), repeats=0).peak_bytes
+    assert measured <= budget, (f"{what}: measured peak {measured} B > budget {budget} B"
+                                f" (predicted {plan.peak_bytes} B, {measured - budget:+d} B)")
 
 
 def test_two_adamw_steps_give_the_same_parameters(zoo: Entry) -> None:

@@ -27,7 +27,7 @@ charged beside its body as the simulator charges it (Note [Copies in recomputati
 ``region_end[i]`` how far a region starting at ``i`` may reach (checkpointable stages that join).
 An option (a :class:`remat.BlockOption`: block ``i`` in its own checkpoint with a selective policy)
 keeps ``kept_{i,k}`` bytes and adds ``r_{i,k}`` seconds; ``body_i`` is the peak of its backward, the
-record rebuilt (``max(x_{i+1} + xbar_i + of_i, x_i + x_{i+1} + xbar_i - released_i + extra_i + ob_i) +
+record rebuilt (``max(x_{i+1} + xbar_i + of_i + copy_i, x_i + x_{i+1} + xbar_i - released_i + extra_i + ob_i) +
 hold_i``, as :func:`remat.planning.simulate._selective` counts it), never below ``body_{i,k} = x_i + x_{i+1}
 + xbar_i - released_i + ob_i + bwd_extra_{i,k} + hold_i`` (the option's measured backward peak).
 
@@ -166,7 +166,8 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
     ob = _up([s.bwd_transient_bytes for s in st], delta)
     hold = _up([s.recompute_hold_bytes for s in st], delta)
     plain_backward = x[:-1] + x[1:] + xbar - released + ob
-    body = np.maximum(x[1:] + xbar + of, plain_backward + extra) + hold
+    own_copy = _up([s.recompute_copy_bytes for s in st], delta)  # a selective rebuild copies its norms' statistics
+    body = np.maximum(x[1:] + xbar + of + own_copy, plain_backward + extra) + hold
     options = tuple(
         tuple(_Option(Selective(i, o.name, o.save), -(-o.kept_bytes // delta), -(-o.fwd_transient_bytes // delta),
                       o.recompute_s, int(plain_backward[i] + hold[i]) + -(-o.bwd_extra_bytes // delta))

@@ -109,7 +109,8 @@ def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
 
     Note: [Selective items] The backward side is the one-block region's body, ``Record(i)`` inside a
     recomputation with the gradient ``y_{i+1}`` as its reserve, plus ``recompute_hold_i``: the record is
-    whole again while the backward runs, and never below a plain record's backward plus the option's
+    whole again while the backward runs (its rebuild holds the copies of its norms' statistics, Note
+    [Copies in recomputation]), and never below a plain record's backward plus the option's
     measured ``bwd_extra_bytes`` (a recomputation under a policy can hold more at once than a recording
     forward). Time: one recorded forward, the backward, and the option's ``recompute_s``.
     """
@@ -118,7 +119,7 @@ def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
     option = s.option(item.option)
     x_out = profile.output_bytes(i)
     forward = reserve + option.kept_bytes + option.fwd_transient_bytes
-    rebuild = x_out + s.xbar_bytes + s.fwd_transient_bytes
+    rebuild = x_out + s.xbar_bytes + s.fwd_transient_bytes + s.recompute_copy_bytes  # its norms' statistics
     plain_backward = s.x_bytes + x_out + s.xbar_bytes - s.output_released_bytes + s.bwd_transient_bytes
     backward = plain_backward + max(s.recompute_bwd_extra_bytes, option.bwd_extra_bytes)
     body = max(rebuild, backward) + s.recompute_hold_bytes

@@ -8,6 +8,7 @@ and simulates the plan it returns (:mod:`remat.planning.solve`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
@@ -331,8 +332,14 @@ def optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int =
         consider(dp_items)
     for baseline in baselines(profile, budget_bytes):
         consider(baseline)
-    if not candidates:  # at the very edge, the DP's safe side can miss what the simulator allows
-        consider(min_peak_items(profile)[1])
+    # The DP over-charges on the safe side, so the fastest table plan that fits can lose to one the table
+    # without options reads first, or to the least-peak plan below: options never make a plan slower.
+    bare = dataclasses.replace(profile, stages=tuple(dataclasses.replace(s, options=()) for s in profile.stages))
+    bare_items = _dp_items(bare, budget_bytes, slots) if bare != profile else dp_items
+    if bare != profile and bare_items is not None:
+        consider(bare_items)
+    if not candidates or bare_items is None:  # at the very edge, the DP's safe side can miss what the
+        consider(min_peak_items(profile)[1])  # simulator allows
     if not candidates:
         return _none(profile, None)  # solve() reports it as infeasible
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
