@@ -67,3 +67,19 @@ def test_auto_on_a_sequential_with_a_loss_function_and_infeasible_budgets():
     assert remat.plan_of(model).peak_bytes <= remat.plan_of(model).budget_bytes
     with pytest.raises(remat.InfeasibleBudgetError, match="smallest feasible peak"):
         remat.auto(model, x, budget="1KiB", loss_fn=loss_fn, repeats=1)
+
+
+def test_auto_with_estimated_times_takes_a_throughput():
+    """``repeats=0`` times nothing: remat.profile asks for ``throughput=``, which auto passes on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[remat.app.zoo.MLPBlock(32, 64) for _ in range(4)])
+    x = torch.randn(64, 32)
+
+    def loss_fn(out):
+        return out.pow(2).mean()
+
+    with pytest.raises(remat.RematError, match="throughput="):
+        remat.auto(model, x, budget="70%", loss_fn=loss_fn, repeats=0)
+    remat.auto(model, x, budget="70%", loss_fn=loss_fn, repeats=0, throughput="cpu")
+    plan = remat.plan_of(model)
+    assert plan.peak_bytes <= plan.budget_bytes and plan.time_s > 0

@@ -25,6 +25,7 @@ from remat.runtime.ops import add_options
 from remat.runtime.optimizer import Spec, optimizer_state_bytes
 from remat.runtime.profiler import preserved, profile
 from remat.runtime.regions import suspended
+from remat.runtime.timeline import Throughput
 from remat.units import format_bytes
 
 __all__ = ["auto"]
@@ -46,6 +47,7 @@ def auto(
     verify: bool | str = True,
     progress: bool | None = None,
     block_options: bool = False,
+    throughput: Throughput | str | None = None,
     **options: Any,
 ) -> nn.Module:
     """Make one training step of ``model`` fit ``budget`` at the least extra time: profile, solve, apply,
@@ -60,7 +62,8 @@ def auto(
             (``"adamw"``, ``"adam"``, ``"sgd-momentum"``, ...); its state is counted by the parameters'
             dtypes (:func:`remat.optimizer_state_bytes`).
         strategy: ``"auto"`` (optimal), or any name of :func:`remat.strategies`.
-        stages, repeats: see :func:`remat.profile`.
+        stages, repeats, throughput: see :func:`remat.profile` (``repeats=0`` with a ``throughput``: times
+            estimated from FLOPs instead of timed).
         sizes: see :func:`remat.profile`; no profiling run exceeds the budget or the device's free memory
             (docs/faq.md, "Memory-safe profiling").
         verify: True (default): run the planned step once under :func:`remat.measure`; raise
@@ -85,7 +88,7 @@ def auto(
         raise RematError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
     with _checkpointing_back_on_failure(model):
         prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
-                         repeats=repeats, sizes=sizes, progress=progress)
+                         repeats=repeats, sizes=sizes, progress=progress, throughput=throughput)
         plan = _solved(prof, budget, strategy, options)
     apply(model, plan)
     _log_summary(prof, plan)
