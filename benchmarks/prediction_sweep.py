@@ -72,6 +72,7 @@ def plans(prof: remat.Profile) -> Iterator[tuple[str, tuple[Item, ...]]]:
     for a, z in runs(prof):
         if z - a >= 2:
             yield f"region {a}..{a + 1}", _items(n, [(a, a + 2)])
+        if z - a >= 3:
             yield f"region {a}..{z - 1}", _items(n, [(a, z)])
     for name in sorted({o.name for s in prof.stages for o in s.options}):
         opts = {b: o for b in blocks for o in prof.stages[b].options if o.name == name}

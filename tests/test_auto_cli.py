@@ -83,3 +83,10 @@ def test_auto_with_estimated_times_takes_a_throughput():
     remat.auto(model, x, budget="70%", loss_fn=loss_fn, repeats=0, throughput="cpu")
     plan = remat.plan_of(model)
     assert plan.peak_bytes <= plan.budget_bytes and plan.time_s > 0
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused_with_its_shape_and_the_fix():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[remat.app.zoo.MLPBlock(16, 32) for _ in range(3)])
+    with pytest.raises(remat.ProfileError, match=r"got a tensor of shape \(8, 16\); pass loss_fn="):
+        remat.auto(model, torch.randn(8, 16), budget="60%", loss_fn=lambda out: out, repeats=1)

@@ -214,7 +214,7 @@ def test_profile_then_plan_from_the_saved_profile(tmp_path, capsys):
     png = tmp_path / "frontier.png"
     assert cli.main(["profile", "gpt2-tiny", "--batch", "2", "--seq", "64", "--device", "cpu", "--repeats", "1",
                      "-o", str(out)]) == 0
-    assert json.loads(out.read_text())["format"] == "remat.Profile/1"
+    assert json.loads(out.read_text())["format"] == "remat.Profile/2"
     assert cli.main(["plan", "--profile", str(out), "--budget", "0.9", "--optimizer", "adam",
                      "--plot", str(png), "--frontier"]) == 0
     text = capsys.readouterr().out

@@ -546,3 +546,28 @@ def test_blocks_of_one_class_that_run_different_ops_do_not_share_options():
     a, b = (prof.stages[prof.names.index(f"layers.0.blocks.{k}")] for k in (0, 1))
     assert a.options and b.options
     assert [o.save for o in a.options] != [o.save for o in b.options]
+
+
+def test_op_times_recorded_on_a_loaded_machine_do_not_inflate_option_and_region_times(monkeypatch):
+    """Filed: under load, ops recorded in runs of their own took many times their share of the forward,
+    and a region's floor (every op's time) and the options' recompute times grew with them (+587% and
+    +1365% predicted overheads for steps measured faster than plain). Op times are shares of the forward
+    timed in the same rounds as the options."""
+    from remat.runtime import ops
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    call = ops._BlockCall(block, (torch.randn(256, 64),), {})
+    calm = ops._block_options(call, 3, (0.5,))
+    recorded = ops.block_ops
+
+    def loaded(call, repeats):
+        out = recorded(call, repeats)
+        for o in out:
+            o.time_s *= 50  # every recorded op stretched fifty times
+        return out
+
+    monkeypatch.setattr(ops, "block_ops", loaded)
+    busy = ops._block_options(call, 3, (0.5,))
+    assert busy.region_s < 3 * calm.region_s + 1e-3
+    assert busy.options and all(o.recompute_s < 3 * busy.plain_s for o in busy.options)

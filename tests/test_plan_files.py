@@ -169,3 +169,20 @@ def test_validate_checks_a_plan_built_by_hand():
         Plan(items=(3,), strategy="x", budget_bytes=None, prediction=none, stage_names=("a",)).validate()
     with pytest.raises(PlanError, match=r"plan item 0 \(record -1\) is outside the plan's stage 0"):
         Plan(items=(Record(-1),), strategy="x", budget_bytes=None, prediction=none, stage_names=("a",)).validate()
+
+
+def test_a_measured_profile_in_the_old_format_is_refused_with_the_fix():
+    """Format 1 lacked the BatchNorm copies and the options' backward extras, and its options could save a
+    block's output: a measured profile in it could plan over its budget."""
+    import json
+
+    from remat import Profile, ProfileError
+
+    p = Profile.from_lists([10, 10, 10], [30, 30, 0], [1.0] * 3, [2.0] * 3)
+    d = json.loads(p.to_json())
+    assert d["format"] == "remat.Profile/2"
+    d["format"] = "remat.Profile/1"
+    assert Profile.from_dict(d) == p  # built by hand: nothing measured, still read
+    d["device"] = "cpu"
+    with pytest.raises(ProfileError, match=r"Profile/1.*profile the model again"):
+        Profile.from_dict(d)

@@ -619,3 +619,26 @@ def test_a_strategy_may_return_any_iterable_of_items_but_nothing_else():
         solve(p, None, strategy=lambda prof, b: None)
     with pytest.raises(PlanError, match=r"plan item 0: 0 is not a remat.Record or remat.Region"):
         solve(p, None, strategy=lambda prof, b: [0, 1, 2, 3])
+
+
+def test_the_every_block_plan_is_charged_its_measured_peak_while_the_profile_is_the_one_measured():
+    """Note [Safety margin]: the calibration run's measured peak replaces the margin for that one plan,
+    never lowers the model's figure, and is dropped once the stages change (a per-rank profile)."""
+    from remat.planning.simulate import with_measured_every
+
+    p = Profile.from_lists([1000, 4000, 4000, 4000, 4000], [8000, 8000, 8000, 8000, 0], [1.0] * 5, [2.0] * 5,
+                           kinds=["prologue", "block", "block", "block", "head"])
+    p = dataclasses.replace(p, safety_fraction=0.002)
+    every = solve(p, None, strategy="every").items
+    halves = solve(p, None, strategy="uniform", segments=2).items
+    raw = simulate(dataclasses.replace(p, safety_fraction=0.0), every).peak_bytes
+    assert simulate(p, every).peak_bytes > raw  # no measurement: the margin
+    for measured in (raw - 100, raw, raw + 100):
+        q = with_measured_every(dataclasses.replace(p, meta={"measured_every_peak_bytes": measured}))
+        assert simulate(q, every).peak_bytes == max(raw, measured)
+        assert simulate(q, halves).peak_bytes == simulate(p, halves).peak_bytes  # other plans keep it
+        changed = dataclasses.replace(q, stages=(q.stages[0], dataclasses.replace(q.stages[1], x_bytes=3000),
+                                                 *q.stages[2:]))
+        assert simulate(changed, every).peak_bytes == simulate(dataclasses.replace(changed, meta={}), every).peak_bytes
+    assert solve(with_measured_every(dataclasses.replace(p, meta={"measured_every_peak_bytes": raw})), raw
+                 ).time_s == simulate(p, every).time_s

@@ -140,7 +140,7 @@ def test_profile_prints_round_trips_and_reports_progress(capsys):
     assert all(s.fwd_s > 0 and s.bwd_s >= 0 for s in prof.stages)
     again = remat.Profile.from_json(prof.to_json())
     assert again == prof
-    assert json.loads(prof.to_json())["format"] == "remat.Profile/1"
+    assert json.loads(prof.to_json())["format"] == "remat.Profile/2"
     text = str(prof)
     assert "fixed memory" in text and "xbar" in text and "<head>" in text
 
@@ -202,3 +202,18 @@ def test_a_budget_at_hugging_face_every_layer_peak_plans_that_schedule_or_better
     # Plans the profiler did not run keep the margin.
     halves = solve(prof, None, strategy="uniform", segments=2)
     assert halves.peak_bytes > simulate(dataclasses.replace(prof, safety_fraction=0.0), halves).peak_bytes
+
+
+def test_a_per_rank_fsdp_profile_keeps_the_margin_on_the_every_block_plan():
+    """The every-block plan was measured on the unsharded step only: per rank it is extrapolated."""
+    from remat.runtime.distributed import fsdp_profile
+
+    model, inputs = hf("gpt2")
+    prof = remat.profile(model, inputs, repeats=1)
+    every = solve(prof, None, strategy="every").items
+    exact = dataclasses.replace(prof, safety_fraction=0.0)
+    assert simulate(prof, every).peak_bytes == max(simulate(exact, every).peak_bytes,
+                                                   prof.base_bytes + prof.meta["measured_every_act_bytes"])
+    per_rank = fsdp_profile(prof, model, 4)
+    assert simulate(per_rank, every).peak_bytes > simulate(dataclasses.replace(per_rank, safety_fraction=0.0),
+                                                           every).peak_bytes

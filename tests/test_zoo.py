@@ -291,6 +291,8 @@ def test_plan_with_block_options_gives_the_same_step_within_the_budget(zoo: Entr
                              inputs=_tensors(zoo.inputs), repeats=0).peak_bytes
     assert measured <= budget, (f"{what}: measured peak {measured} B > budget {budget} B"
                                 f" (predicted {plan.peak_bytes} B, {measured - budget:+d} B)")
+    exact = simulate(dataclasses.replace(prof, safety_fraction=0.0), plan.items).peak_bytes
+    assert measured <= exact, f"{what}: measured peak {measured} B > the prediction without margin {exact} B"
 
 
 def test_two_adamw_steps_give_the_same_parameters(zoo: Entry) -> None:

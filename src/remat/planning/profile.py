@@ -31,6 +31,11 @@ def frozen(value: Any) -> Any:
     return value
 
 
+#: The JSON format of a profile. Format 1 (remat 0.1) lacked recompute_copy_bytes and bwd_extra_bytes and
+#: could list options that save a block's output: measured profiles in it are refused.
+PROFILE_FORMAT = "remat.Profile/2"
+
+
 @dataclass(frozen=True)
 class BlockOption:
     """One way to run a block inside its own checkpoint with a selective policy (PyTorch's selective
@@ -361,7 +366,7 @@ class Profile:
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["format"] = "remat.Profile/1"
+        d["format"] = PROFILE_FORMAT
         return d
 
     def to_json(self, **kwargs: Any) -> str:
@@ -371,9 +376,14 @@ class Profile:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
         d = dict(d)
-        fmt = d.pop("format", "remat.Profile/1")
-        if fmt != "remat.Profile/1":
-            raise ProfileError(f"Profile.from_json: unknown format {fmt!r}; expected 'remat.Profile/1'")
+        fmt = d.pop("format", PROFILE_FORMAT)
+        if fmt == "remat.Profile/1" and d.get("device", "synthetic") != "synthetic":
+            raise ProfileError(
+                f"Profile.from_json: a measured profile in format {fmt!r}, saved by an older remat whose block"
+                " options and BatchNorm accounting could predict less than the measured peak; profile the"
+                " model again (remat.profile, or `remat profile MODEL -o FILE`)")
+        if fmt not in (PROFILE_FORMAT, "remat.Profile/1"):
+            raise ProfileError(f"Profile.from_json: unknown format {fmt!r}; expected {PROFILE_FORMAT!r}")
         try:
             stages = tuple(Stage(**s) for s in d.pop("stages"))
             return cls(stages=stages, **d)

@@ -9,6 +9,8 @@ optimal planner minimises exactly this model, so its simulated time equals its D
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -16,7 +18,7 @@ from typing import NamedTuple
 from remat.planning.plan import Item, Plan, Prediction, Record, Region, Selective
 from remat.planning.profile import Profile
 
-__all__ = ["safety_bytes", "simulate", "sweep_bytes"]
+__all__ = ["every_digest", "safety_bytes", "simulate", "sweep_bytes", "with_measured_every"]
 
 
 def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
@@ -132,14 +134,39 @@ def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
     Note: [Safety margin] A measured profile's predictions are raised by ``safety_fraction`` of the
     activation peak: the chain model extrapolates from the runs the profiler made to plans it never ran.
     One plan it did run: every block its own region, the calibration run (Note [Calibrating
-    recomputation]), whose peak above ``base_bytes`` it keeps in ``meta["measured_every_act_bytes"]``.
-    That plan is charged its measured peak, or the model's where higher, and no margin: with a margin,
-    a budget set to Hugging Face's every-layer checkpointing's own peak would refuse that very schedule.
+    recomputation]), whose peak above ``base_bytes`` it keeps in ``meta["measured_every_act_bytes"]``
+    (unattributed bytes, which the profile adds to the head's residual, already taken out). That plan is
+    charged its measured peak, or the model's where higher, and no margin: with a margin, a budget set
+    to Hugging Face's every-layer checkpointing's own peak would refuse that very schedule. Only while the
+    profile is the one measured (:func:`every_digest`): a per-rank profile (sharded parameters, the
+    same stages) keeps the margin.
     """
     measured = profile.meta.get("measured_every_act_bytes")
-    if isinstance(measured, int) and tuple(items) == _every_items(profile):
+    if (isinstance(measured, int) and profile.meta.get("measured_every_digest") == every_digest(profile)
+            and tuple(items) == _every_items(profile)):
         return max(0, measured - peak)
     return math.ceil(profile.safety_fraction * max(0, peak))
+
+
+def every_digest(profile: Profile) -> str:
+    """What the every-block plan's peak above ``base_bytes`` depends on: the stages' byte figures and the
+    head's residual. A profile changed after it was measured (sharded per rank, edited, loaded from an
+    older file) no longer matches the digest kept with its measured peak, and keeps the margin."""
+    fields = [(s.x_bytes, s.xbar_bytes, s.fwd_transient_bytes, s.fwd_nograd_transient_bytes, s.bwd_transient_bytes,
+               s.input_freed_bytes, s.output_released_bytes, s.recompute_bwd_extra_bytes, s.recompute_hold_bytes,
+               s.recompute_copy_bytes, s.checkpointable) for s in profile.stages]
+    return hashlib.sha1(repr((fields, profile.head_residual_bytes)).encode()).hexdigest()
+
+
+def with_measured_every(profile: Profile) -> Profile:
+    """``profile`` with its every-block run's measured peak (``meta["measured_every_peak_bytes"]``, as the
+    profiler left it) kept above ``base_bytes`` beside :func:`every_digest` (Note [Safety margin])."""
+    peak = profile.meta.get("measured_every_peak_bytes")
+    if not isinstance(peak, int):
+        return profile
+    meta = {**profile.meta, "measured_every_act_bytes": peak - profile.base_bytes,
+            "measured_every_digest": every_digest(profile)}
+    return dataclasses.replace(profile, meta=meta)
 
 
 def _every_items(profile: Profile) -> tuple[Item, ...]:

@@ -313,9 +313,10 @@ def optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int =
     (at most 50%), and the candidate plans are read from the largest slot count down, each simulated
     with exact bytes, until one fits the real budget (the one at ``slots * delta <= budget`` always
     does). The fixed baselines (none, every, sqrt, revolve) are simulated too, and the fastest plan
-    that fits is returned, so ``optimal`` is never slower than a baseline at the same budget. When
-    nothing fits, the plan of least peak (:mod:`remat.planning.min_peak`, exact bytes) is tried last:
-    so every budget from the smallest peak up is met.
+    that fits is returned, so ``optimal`` is never slower than a baseline at the same budget. With block
+    options, the DP's plan without them is read too, so options never make a plan slower. When the DP
+    finds none that fits, the plan of least peak (:mod:`remat.planning.min_peak`, exact bytes) is tried
+    too: so every budget from the smallest peak up is met.
     """
     if budget_bytes is None:
         return _none(profile, None)

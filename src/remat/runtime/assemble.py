@@ -152,10 +152,7 @@ def assemble(runs: Runs, times: Times, *, params_bytes: int, grads_bytes: int, f
         meta={
             **meta,
             "measured_peak_bytes": runs.full.peak,
-            # Note: [Safety margin] (remat.planning.simulate): the every-block plan's measured peak, above
-            # base_bytes (fixed memory, x_0 and the head's residual), so that it stays true when fixed
-            # memory grows (optimizer state).
-            "measured_every_act_bytes": runs.every.peak - (runs.full.start.live + residual + held),
+            "measured_every_peak_bytes": runs.every.peak,  # Note [Safety margin] (remat.planning.simulate)
             "carry_shapes": [list(s) if s else None for s in runs.full.tl.shapes],
             "flops": sum(e.flops for e in runs.full.tl.events),
             "times": times.source,
@@ -287,8 +284,8 @@ def _calibrated(runs: Runs, times: Times, stages: list[Stage], *, base: int) -> 
     are kept per block, and charged whenever the block ends, or runs inside, a recomputed region. The
     window also holds the copies the recomputation makes (recompute_copy_bytes, Note [Copies in
     recomputation] in simulate.py); the rise is measured over the figure without them, so where they
-    set the window's peak it keeps them too: a Selective item, which charges no copies of its own,
-    relies on that. A region, which charges them beside its body, may count them twice (safe side)."""
+    set the window's peak it keeps them too. A region, which charges them beside its body, and a
+    Selective item, which charges them in its rebuild, may count them twice (safe side)."""
     tl, n = runs.full.tl, len(runs.names)
     out = list(stages)
     for k, w in runs.every.backward.items():

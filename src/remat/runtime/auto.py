@@ -62,10 +62,8 @@ def auto(
             (``"adamw"``, ``"adam"``, ``"sgd-momentum"``, ...); its state is counted by the parameters'
             dtypes (:func:`remat.optimizer_state_bytes`).
         strategy: ``"auto"`` (optimal), or any name of :func:`remat.strategies`.
-        stages, repeats, throughput: see :func:`remat.profile` (``repeats=0`` with a ``throughput``: times
-            estimated from FLOPs instead of timed).
-        sizes: see :func:`remat.profile`; no profiling run exceeds the budget or the device's free memory
-            (docs/faq.md, "Memory-safe profiling").
+        stages, repeats, throughput, sizes: see :func:`remat.profile` (``repeats=0`` and a ``throughput``:
+            estimated times); no profiling run exceeds the budget or the device's free memory.
         verify: True (default): run the planned step once under :func:`remat.measure`; raise
             :class:`remat.VerificationError` if its peak, optimizer state included, exceeds the budget.
             ``"grads"``: also compare loss and gradients bit for bit with the plain model (same batch and

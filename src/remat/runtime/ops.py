@@ -31,8 +31,10 @@ Note: [Block options]
    against the block's plain forward and backward, interleaved with a plain one-block checkpoint (each
    extra: the median over rounds of its share of the plain run's time in the same round, the order
    rotated each round; times the plain block's fastest run). An option's ``recompute_s`` is the time of
-   the ops it recomputes (each op's median run) plus the policy's overhead, one figure per block fitted
-   to those measurements (see :func:`_block_options`). The region's figure, measured the same way,
+   the ops it recomputes plus the policy's overhead, one figure per block fitted to those measurements
+   (see :func:`_block_options`); each op's time is its share of the recorded forward (its fastest
+   recorded run over all ops') times the plain forward timed in the same rounds, so that a machine
+   loaded while the ops were recorded does not inflate it. The region's figure, measured the same way,
    replaces the block's ``fwd_region_s`` (``region_times``), so that the planner weighs regions and
    options on one scale. Dominated options are dropped. These figures are then put on the profile's
    scale: multiplied by the block's forward and backward in the profile over the plain block's run
@@ -220,17 +222,22 @@ class _BlockCall:
         return tuple(self.args), {**self.kwargs, key: x}, x
 
 
-def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | None) -> None:
+def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | None,
+               sync: Callable[[], None] = lambda: None) -> float:
     """The block's forward and backward (plain, or in a checkpoint with ``context_fn``); no ``.grad``
-    is touched (``autograd.grad``)."""
+    is touched (``autograd.grad``). Returns the seconds of the forward."""
     args, kwargs, x = call.fresh()
+    start = time.perf_counter()
     if context_fn is None:
         out = call.module(*args, **kwargs)
     else:
         out = checkpoint(call.module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    sync()
+    forward = time.perf_counter() - start
     y = carry_of(out)
     wrt = [x, *(p for p in call.module.parameters() if p.requires_grad)]
     torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
+    return forward
 
 
 def block_ops(call: _BlockCall, repeats: int) -> list[OpRecord]:
@@ -329,13 +336,16 @@ def _context_fn(save: tuple[str, ...]) -> Callable[[], tuple[Any, Any]]:
 
 #: The name under which :func:`_extra_times` reports a plain checkpoint of the block (a one-block region).
 REGION = "<region>"
+#: The name under which it reports the plain block's forward alone (the same rounds).
+FORWARD = "<forward>"
 
 
 def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, float]:
     """Per option, and for a plain checkpoint (:data:`REGION`), the time of the block's forward and
     backward with it less the plain block's (under ``""``: the plain block's own, its fastest run): the
     median over ``repeats`` rounds of its share of the plain run's time in the same round, times that
-    fastest run; one untimed round first."""
+    fastest run; one untimed round first. Under :data:`FORWARD`: the plain forward's share of the plain
+    run, the median over rounds, times that fastest run."""
     runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None), (REGION, noop_context_fn)]
     runs += [(name, _context_fn(save)) for name, save in saves.items()]
     samples: dict[str, list[float]] = defaultdict(list)
@@ -345,15 +355,18 @@ def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: i
         for name, fn in [*runs[k:], *runs[:k]]:
             sync()
             start = time.perf_counter()
-            _grad_step(call, fn)
+            forward = _grad_step(call, fn, sync)
             sync()
             if rep:
                 samples[name].append(time.perf_counter() - start)
+                if not name:
+                    samples[FORWARD].append(forward)
     base = min(samples[""])
     # Each extra as a share of the plain block's time in the same round, the median over rounds: the
     # machine's load changes between rounds, and shares of one round do not.
-    return {"": base, **{name: base * statistics.median((t - p) / p for t, p in zip(samples[name], samples[""]))
-                         for name, _ in runs[1:]}}
+    return {"": base, FORWARD: base * statistics.median(f / p for f, p in zip(samples[FORWARD], samples[""])),
+            **{name: base * statistics.median((t - p) / p for t, p in zip(samples[name], samples[""]))
+               for name, _ in runs[1:]}}
 
 
 def _pareto(measured: list[_Measured], record_kept: int) -> list[_Measured]:
@@ -389,21 +402,24 @@ def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _Bl
     An option's time is the time of the ops it recomputes plus the policy's overhead, one figure for
     the block: the median over its options of measured time less recomputed ops' time. Measured
     option times differ from each other by less than a shared machine's noise (one attention op); the
-    sum keeps an option that saves more ops never slower than one that saves fewer. A region's time is
-    measured, never below that of every op (all must run again)."""
+    sum keeps an option that saves more ops never slower than one that saves fewer. The ops' times,
+    recorded in runs of their own, are used as shares of the plain forward timed in the same rounds as
+    the options (a loaded machine can stretch the recorded runs many times over). A region's time is
+    measured, never below the plain forward (every op must run again)."""
     ops = block_ops(call, repeats)
     saves = candidates(ops, cuts)
     record_kept, _, record_bwd = _kept(call, None)
     extra = _extra_times(call, saves, repeats)
     keys = {name: saved_keys(save, ops) for name, save in saves.items()}
-    recomputed = {name: sum(o.time_s for o in ops if o.key not in keys[name]) for name in saves}
+    per_op_s = extra[FORWARD] / max(1e-12, sum(o.time_s for o in ops))
+    recomputed = {name: per_op_s * sum(o.time_s for o in ops if o.key not in keys[name]) for name in saves}
     overhead = max(0.0, statistics.median(extra[n] - recomputed[n] for n in saves)) if saves else 0.0
     measured = []
     for name, save in saves.items():
         kept, transient, backward = _kept(call, save)
         measured.append(_Measured(name, save, kept, transient, recomputed[name] + overhead,
                                   max(0, backward - record_bwd)))
-    region_s = max(extra[REGION], sum(o.time_s for o in ops))
+    region_s = max(extra[REGION], extra[FORWARD])
     return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept), extra[""])
 
 

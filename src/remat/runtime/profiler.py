@@ -34,7 +34,7 @@ from torch import nn
 from remat.errors import ProfileError, RematError
 from remat.planning.plan import Item, Record, Region
 from remat.planning.profile import Profile
-from remat.planning.simulate import simulate
+from remat.planning.simulate import simulate, with_measured_every
 from remat.runtime import hf
 from remat.runtime.assemble import Runs, Times, assemble
 from remat.runtime.distributed import fsdp_profile
@@ -272,7 +272,7 @@ def profile(
         stack.callback(tick.close)
         prof = _profile(real, fake, loss_fn=loss_fn, stages=stages, device=device, sizes=sizes,
                         limit_bytes=limit_bytes, warmup=warmup, repeats=repeats, throughput=tp, tick=tick)
-    prof = _check_accounting(prof)
+    prof = with_measured_every(_check_accounting(prof))
     return fsdp_profile(prof, model, world_size) if world_size else prof
 
 
@@ -397,7 +397,9 @@ class _Step:
         out = self.model(*self.args, **self.kwargs)
         loss = self.get_loss(out)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ProfileError(f"remat.profile: the loss must be a scalar tensor, got {type(loss).__name__}")
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ProfileError(f"remat.profile: the loss must be a scalar tensor, got {got}; pass loss_fn= that"
+                               " reduces the model's output to one number (e.g. lambda out: out.mean())")
         loss.backward()
         tl.mark("end")
         del out, loss
