@@ -634,11 +634,17 @@ def test_the_every_block_plan_is_charged_its_measured_peak_while_the_profile_is_
     raw = simulate(dataclasses.replace(p, safety_fraction=0.0), every).peak_bytes
     assert simulate(p, every).peak_bytes > raw  # no measurement: the margin
     for measured in (raw - 100, raw, raw + 100):
-        q = with_measured_every(dataclasses.replace(p, meta={"measured_every_peak_bytes": measured}))
+        q = with_measured_every(dataclasses.replace(p, device="cpu", meta={"measured_every_peak_bytes": measured,
+                                                                           "sizes": "measured"}))
         assert simulate(q, every).peak_bytes == max(raw, measured)
         assert simulate(q, halves).peak_bytes == simulate(p, halves).peak_bytes  # other plans keep it
         changed = dataclasses.replace(q, stages=(q.stages[0], dataclasses.replace(q.stages[1], x_bytes=3000),
                                                  *q.stages[2:]))
         assert simulate(changed, every).peak_bytes == simulate(dataclasses.replace(changed, meta={}), every).peak_bytes
-    assert solve(with_measured_every(dataclasses.replace(p, meta={"measured_every_peak_bytes": raw})), raw
-                 ).time_s == simulate(p, every).time_s
+    measured_at = dataclasses.replace(p, device="cpu", meta={"measured_every_peak_bytes": raw, "sizes": "measured"})
+    assert solve(with_measured_every(measured_at), raw).time_s == simulate(p, every).time_s
+    # Sizes from a fake copy, or kept once already (fixed memory may have grown since): nothing changes.
+    for meta in ({"measured_every_peak_bytes": raw, "sizes": "fake"},):
+        assert with_measured_every(dataclasses.replace(p, device="cpu", meta=meta)).meta == meta
+    kept = with_measured_every(measured_at)
+    assert with_measured_every(dataclasses.replace(kept, fixed_bytes=kept.fixed_bytes + 5000)).meta == kept.meta

@@ -235,8 +235,9 @@ class Profile:
             shape it calibrates, but deep nesting can keep a few small tensors (normalisation
             statistics, a small layer's output) alive a little longer (measured: 224 bytes on a 640 KB
             peak). Profiles built by hand keep 0. The plan with every block its own region, which the
-            profiler ran, is charged its measured peak instead (``meta["measured_every_act_bytes"]``;
-            Note [Safety margin] in :mod:`remat.planning.simulate`).
+            profiler ran on the device, is charged its measured peak instead while the stages are the
+            ones measured (``meta["measured_every_act_bytes"]``; Note [Safety margin] in
+            :mod:`remat.planning.simulate`).
         meta: free-form facts for reports (model name, dtype, measured peak, ...).
     """
 

@@ -138,12 +138,13 @@ def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
     (unattributed bytes, which the profile adds to the head's residual, already taken out). That plan is
     charged its measured peak, or the model's where higher, and no margin: with a margin, a budget set
     to Hugging Face's every-layer checkpointing's own peak would refuse that very schedule. Only while the
-    profile is the one measured (:func:`every_digest`): a per-rank profile (sharded parameters, the
-    same stages) keeps the margin.
+    profile's stages are the ones measured (:func:`every_digest`: a per-rank FSDP profile, whose blocks
+    carry the unsharded parameters' bytes, keeps the margin), and only for sizes measured on the device
+    (not on a fake copy, whose kernels may differ from the device's).
     """
     measured = profile.meta.get("measured_every_act_bytes")
-    if (isinstance(measured, int) and profile.meta.get("measured_every_digest") == every_digest(profile)
-            and tuple(items) == _every_items(profile)):
+    if (isinstance(measured, int) and len(items) == len(profile.stages) and tuple(items) == _every_items(profile)
+            and profile.meta.get("measured_every_digest") == every_digest(profile)):
         return max(0, measured - peak)
     return math.ceil(profile.safety_fraction * max(0, peak))
 
@@ -162,8 +163,9 @@ def with_measured_every(profile: Profile) -> Profile:
     """``profile`` with its every-block run's measured peak (``meta["measured_every_peak_bytes"]``, as the
     profiler left it) kept above ``base_bytes`` beside :func:`every_digest` (Note [Safety margin])."""
     peak = profile.meta.get("measured_every_peak_bytes")
-    if not isinstance(peak, int):
-        return profile
+    measured_sizes = profile.meta.get("sizes") == "measured" and profile.device != "meta"
+    if not isinstance(peak, int) or not measured_sizes or "measured_every_act_bytes" in profile.meta:
+        return profile  # nothing measured on the device, or already kept (then base_bytes may have grown)
     meta = {**profile.meta, "measured_every_act_bytes": peak - profile.base_bytes,
             "measured_every_digest": every_digest(profile)}
     return dataclasses.replace(profile, meta=meta)

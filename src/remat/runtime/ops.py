@@ -162,8 +162,13 @@ class OpRecorder(TorchDispatchMode):
         in_tensors = tensors_in((args, kwargs))
         seeded = torch.Tag.nondeterministic_seeded in func.tags
         before = _generator_states(in_tensors) if seeded else ()
+        cuda = any(t.is_cuda for t in in_tensors)
+        if cuda:  # an op's time, not its launch's
+            torch.cuda.synchronize()
         start = time.perf_counter()
         out = func(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         name = str(func)
         inputs = {id(s) for s in map(_storage, in_tensors) if s is not None}
@@ -227,6 +232,7 @@ def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | Non
     """The block's forward and backward (plain, or in a checkpoint with ``context_fn``); no ``.grad``
     is touched (``autograd.grad``). Returns the seconds of the forward."""
     args, kwargs, x = call.fresh()
+    sync()
     start = time.perf_counter()
     if context_fn is None:
         out = call.module(*args, **kwargs)
@@ -241,7 +247,7 @@ def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | Non
 
 
 def block_ops(call: _BlockCall, repeats: int) -> list[OpRecord]:
-    """The ops of the block's recording forward (times: medians of ``repeats`` runs)."""
+    """The ops of the block's recording forward (times: the fastest of ``repeats`` runs)."""
     runs: list[list[OpRecord]] = []
     for _ in range(max(1, repeats)):
         args, kwargs, _x = call.fresh()
@@ -349,7 +355,8 @@ def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: i
     runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None), (REGION, noop_context_fn)]
     runs += [(name, _context_fn(save)) for name, save in saves.items()]
     samples: dict[str, list[float]] = defaultdict(list)
-    sync = torch.cuda.synchronize if any(p.is_cuda for p in call.module.parameters()) else (lambda: None)
+    on_cuda = [*call.module.parameters(), *tensors_in((call.args, call.kwargs))]
+    sync = torch.cuda.synchronize if any(t.is_cuda for t in on_cuda) else (lambda: None)
     for rep in range(max(1, repeats) + 1):
         k = rep % len(runs)  # rotated: no run always follows the same one
         for name, fn in [*runs[k:], *runs[:k]]:
