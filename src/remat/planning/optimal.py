@@ -122,7 +122,6 @@ class _Chain:
     xbar: Ints
     keep: Ints  # keep[pinned, i]
     margin: Ints  # what a backward may need beyond the chain model, on the safe side (module docstring)
-    hold: Ints
     beside: Ints  # beside[i, l]: beside a region i..l's body, what its end holds and the copies it makes
     of: Ints
     ob: Ints
@@ -179,7 +178,6 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
         xbar=xbar,
         keep=np.stack([xbar, xbar - freed]),
         margin=np.maximum(0, extra - released),
-        hold=hold,
         beside=hold[None, :] + -(-copy_bytes(profile) // delta),
         of=of,
         ob=ob,

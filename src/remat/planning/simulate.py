@@ -18,7 +18,7 @@ from typing import NamedTuple
 from remat.planning.plan import Item, Plan, Prediction, Record, Region, Selective
 from remat.planning.profile import Profile
 
-__all__ = ["every_digest", "safety_bytes", "simulate", "sweep_bytes", "with_measured_every"]
+__all__ = ["every_digest", "every_items", "safety_bytes", "simulate", "sweep_bytes", "with_measured_every"]
 
 
 def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
@@ -143,7 +143,7 @@ def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
     (not on a fake copy, whose kernels may differ from the device's).
     """
     measured = profile.meta.get("measured_every_act_bytes")
-    if (isinstance(measured, int) and len(items) == len(profile.stages) and tuple(items) == _every_items(profile)
+    if (isinstance(measured, int) and len(items) == len(profile.stages) and tuple(items) == every_items(profile)
             and profile.meta.get("measured_every_digest") == every_digest(profile)):
         return max(0, measured - peak)
     return math.ceil(profile.safety_fraction * max(0, peak))
@@ -171,7 +171,8 @@ def with_measured_every(profile: Profile) -> Profile:
     return dataclasses.replace(profile, meta=meta)
 
 
-def _every_items(profile: Profile) -> tuple[Item, ...]:
+def every_items(profile: Profile) -> tuple[Item, ...]:
+    """The plan with every checkpointable stage its own region (the ``every`` strategy's)."""
     return tuple(Region(k, k + 1, (Record(k),)) if s.checkpointable else Record(k)
                  for k, s in enumerate(profile.stages))
 

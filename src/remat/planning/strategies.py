@@ -25,7 +25,7 @@ from remat.planning.min_peak import min_peak_items
 from remat.planning.plan import Item, Record, Region
 from remat.planning.profile import Profile
 from remat.planning.revolve import revolve_items
-from remat.planning.simulate import simulate
+from remat.planning.simulate import every_items, simulate
 
 __all__ = [
     "AUTO_MAX_EXACT_STAGES",
@@ -260,7 +260,7 @@ def _none(profile: Profile, budget_bytes: int | None) -> Sequence[Item]:
 @register_strategy("every", "all")
 def _every(profile: Profile, budget_bytes: int | None) -> Sequence[Item]:
     """Every checkpointable stage its own region (Hugging Face ``gradient_checkpointing_enable``)."""
-    return _with_runs(profile, lambda a, b: _segments(a, b, b - a))
+    return every_items(profile)
 
 
 @register_strategy("uniform")
@@ -335,10 +335,12 @@ def optimal_strategy(profile: Profile, budget_bytes: int | None, *, slots: int =
         consider(baseline)
     # The DP over-charges on the safe side, so the fastest table plan that fits can lose to one the table
     # without options reads first, or to the least-peak plan below: options never make a plan slower.
-    bare = dataclasses.replace(profile, stages=tuple(dataclasses.replace(s, options=()) for s in profile.stages))
-    bare_items = _dp_items(bare, budget_bytes, slots) if bare != profile else dp_items
-    if bare != profile and bare_items is not None:
-        consider(bare_items)
+    bare_items = dp_items
+    if any(s.options for s in profile.stages):
+        bare = dataclasses.replace(profile, stages=tuple(dataclasses.replace(s, options=()) for s in profile.stages))
+        bare_items = _dp_items(bare, budget_bytes, slots)
+        if bare_items is not None:
+            consider(bare_items)
     if not candidates or bare_items is None:  # at the very edge, the DP's safe side can miss what the
         consider(min_peak_items(profile)[1])  # simulator allows
     if not candidates:

@@ -227,6 +227,20 @@ class _BlockCall:
         return tuple(self.args), {**self.kwargs, key: x}, x
 
 
+def _forward(call: _BlockCall, args: tuple[Any, ...], kwargs: dict[str, Any],
+             context_fn: Callable[[], tuple[Any, Any]] | None) -> Any:
+    """The block's forward: plain, or in a non-reentrant checkpoint with ``context_fn``."""
+    if context_fn is None:
+        return call.module(*args, **kwargs)
+    return checkpoint(call.module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def _backward(call: _BlockCall, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> Any:
+    """The gradients of ``y`` (seeded with ``grad``) for the hidden state ``x`` and the block's parameters."""
+    wrt = [x, *(p for p in call.module.parameters() if p.requires_grad)]
+    return torch.autograd.grad(y, wrt, grad, allow_unused=True)
+
+
 def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | None,
                sync: Callable[[], None] = lambda: None) -> float:
     """The block's forward and backward (plain, or in a checkpoint with ``context_fn``); no ``.grad``
@@ -234,15 +248,11 @@ def _grad_step(call: _BlockCall, context_fn: Callable[[], tuple[Any, Any]] | Non
     args, kwargs, x = call.fresh()
     sync()
     start = time.perf_counter()
-    if context_fn is None:
-        out = call.module(*args, **kwargs)
-    else:
-        out = checkpoint(call.module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    out = _forward(call, args, kwargs, context_fn)
     sync()
     forward = time.perf_counter() - start
     y = carry_of(out)
-    wrt = [x, *(p for p in call.module.parameters() if p.requires_grad)]
-    torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
+    _backward(call, x, y, torch.ones_like(y))
     return forward
 
 
@@ -321,16 +331,12 @@ def _kept(call: _BlockCall, save: tuple[str, ...] | None) -> tuple[int, int, int
     included), the gradient of its output and what the first pass kept counted in."""
     args, kwargs, x = call.fresh()
     with MemoryTracker() as t:
-        if save is None:
-            out = call.module(*args, **kwargs)
-        else:
-            out = checkpoint(call.module, *args, use_reentrant=False, context_fn=_context_fn(save), **kwargs)
+        out = _forward(call, args, kwargs, None if save is None else _context_fn(save))
         kept, peak = t.live_bytes, t.peak_bytes
         y = carry_of(out)
         grad = torch.ones_like(y)
         t.reset_peak()
-        wrt = [x, *(p for p in call.module.parameters() if p.requires_grad)]
-        grads = torch.autograd.grad(y, wrt, grad, allow_unused=True)
+        grads = _backward(call, x, y, grad)
         backward = t.peak_bytes
     del out, y, grad, grads
     return kept, peak - kept, backward
