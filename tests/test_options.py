@@ -571,3 +571,47 @@ def test_op_times_recorded_on_a_loaded_machine_do_not_inflate_option_and_region_
     busy = ops._block_options(call, 3, (0.5,))
     assert busy.region_s < 3 * calm.region_s + 1e-3
     assert busy.options and all(o.recompute_s < 3 * busy.plain_s for o in busy.options)
+
+
+def test_option_and_region_timings_recompute_the_whole_block_as_a_plan_does():
+    """A plan's recomputation runs to the block's end (early stop off); torch's checkpoint stops early by
+    default, skipping the ops after the last saved tensor. Timed that way, regions and options were
+    charged less than a plan pays. The block's post-hook fires once more per round in a full recomputation."""
+    from remat.runtime import ops
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+    finished = []
+    block.register_forward_hook(lambda *_: finished.append(1))
+    call = ops._BlockCall(block, (torch.randn(4, 16),), {})
+    ops._extra_times(call, {}, 2)
+    assert len(finished) == 3 * (1 + 2)  # 3 rounds (one untimed): the plain forward; the region's twice
+
+
+def test_identical_blocks_share_one_measurement_timed_over_their_pooled_rounds(monkeypatch):
+    """Identical blocks are measured once, over more rounds (the noise of a shared machine is then
+    averaged over as many runs as the blocks' pooled profile figures), at most ops.POOLED_ROUNDS times."""
+    import remat
+    from remat.runtime import ops
+
+    def mlp(width):
+        return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.GELU(), torch.nn.Linear(width, 16))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[mlp(32) for _ in range(6)], mlp(64))
+    x = torch.randn(8, 16)
+    prof = remat.profile(model, (x,), stages=[str(i) for i in range(7)], repeats=1, progress=False)
+    measured = []
+    real = ops._figures_of
+
+    def spy(call, name, repeats, cuts, rounds=None):
+        measured.append((name, rounds))
+        return real(call, name, repeats, cuts, rounds)
+
+    monkeypatch.setattr(ops, "_figures_of", spy)
+    out = ops.add_options(prof, model, (x,), stages=[str(i) for i in range(7)], repeats=2)
+    assert measured == [("0", 2 * ops.POOLED_ROUNDS), ("6", 2)]
+    def saves(name):  # times differ: each is put on its own stage's scale
+        return [(o.name, o.save, o.kept_bytes) for o in out.stages[out.names.index(name)].options]
+
+    assert saves("3") == saves("0") and saves("0")

@@ -27,11 +27,13 @@ Note: [Block options]
    seconds per byte (a roofline estimate from FLOPs and bytes moved: the same ranking from every
    profile, where measured op times on a shared machine differ).
 4. Each candidate is run as it will run in a plan — the block in a non-reentrant checkpoint with the
-   policy — under :class:`remat.MemoryTracker` (the bytes it keeps, its forward peak, exact), and timed
-   against the block's plain forward and backward, interleaved with a plain one-block checkpoint (each
-   extra: the median over rounds of its share of the plain run's time in the same round, the order
-   rotated each round; times the plain block's fastest run). An option's ``recompute_s`` is the time of
-   the ops it recomputes plus the policy's overhead, one figure per block fitted to those measurements
+   policy, recomputed to its end (early stop off) — under :class:`remat.MemoryTracker` (the bytes it
+   keeps, its forward peak, exact), and timed against the block's plain forward and backward,
+   interleaved with a plain one-block checkpoint (each extra: its share of the plain run's time in the
+   same round, the order rotated each round; times the plain block's fastest run). Identical blocks
+   are measured once over their pooled share of rounds (``repeats`` per block, at most
+   :data:`POOLED_ROUNDS` times ``repeats``). An option's ``recompute_s`` is the time of the ops it
+   recomputes plus the policy's overhead, one figure per block: the median over every option and round
    (see :func:`_block_options`); each op's time is its share of the recorded forward (its fastest
    recorded run over all ops') times the plain forward timed in the same rounds, so that a machine
    loaded while the ops were recorded does not inflate it. The region's figure, measured the same way,
@@ -51,7 +53,7 @@ import hashlib
 import logging
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +62,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
-from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint, noop_context_fn
+from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint, noop_context_fn, set_checkpoint_early_stop
 from torch.utils.weak import WeakIdKeyDictionary
 
 from remat.errors import ProfileError
@@ -330,7 +332,7 @@ def _kept(call: _BlockCall, save: tuple[str, ...] | None) -> tuple[int, int, int
     backward peak is the highest live total while the block's backward runs (its recomputation
     included), the gradient of its output and what the first pass kept counted in."""
     args, kwargs, x = call.fresh()
-    with MemoryTracker() as t:
+    with MemoryTracker() as t, set_checkpoint_early_stop(False):  # recomputed to the end, as a plan does
         out = _forward(call, args, kwargs, None if save is None else _context_fn(save))
         kept, peak = t.live_bytes, t.peak_bytes
         y = carry_of(out)
@@ -352,34 +354,35 @@ REGION = "<region>"
 FORWARD = "<forward>"
 
 
-def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, float]:
-    """Per option, and for a plain checkpoint (:data:`REGION`), the time of the block's forward and
-    backward with it less the plain block's (under ``""``: the plain block's own, its fastest run): the
-    median over ``repeats`` rounds of its share of the plain run's time in the same round, times that
-    fastest run; one untimed round first. Under :data:`FORWARD`: the plain forward's share of the plain
-    run, the median over rounds, times that fastest run."""
+def _extra_times(call: _BlockCall, saves: dict[str, tuple[str, ...]], repeats: int) -> dict[str, list[float]]:
+    """Per-round samples: under ``""`` the plain block's forward and backward, under :data:`FORWARD` its
+    forward alone (the same run), under :data:`REGION` and each option's name the block's forward and
+    backward with it less the plain run of the same round, as a share of that plain run. ``repeats``
+    rounds, the order rotated each round, one untimed round first. Recomputation runs to the block's end
+    (early stop off), as a plan's does."""
     runs: list[tuple[str, Callable[[], tuple[Any, Any]] | None]] = [("", None), (REGION, noop_context_fn)]
     runs += [(name, _context_fn(save)) for name, save in saves.items()]
-    samples: dict[str, list[float]] = defaultdict(list)
+    times: dict[str, list[float]] = defaultdict(list)
+    forwards: list[float] = []
     on_cuda = [*call.module.parameters(), *tensors_in((call.args, call.kwargs))]
     sync = torch.cuda.synchronize if any(t.is_cuda for t in on_cuda) else (lambda: None)
-    for rep in range(max(1, repeats) + 1):
-        k = rep % len(runs)  # rotated: no run always follows the same one
-        for name, fn in [*runs[k:], *runs[:k]]:
-            sync()
-            start = time.perf_counter()
-            forward = _grad_step(call, fn, sync)
-            sync()
-            if rep:
-                samples[name].append(time.perf_counter() - start)
-                if not name:
-                    samples[FORWARD].append(forward)
-    base = min(samples[""])
-    # Each extra as a share of the plain block's time in the same round, the median over rounds: the
-    # machine's load changes between rounds, and shares of one round do not.
-    return {"": base, FORWARD: base * statistics.median(f / p for f, p in zip(samples[FORWARD], samples[""])),
-            **{name: base * statistics.median((t - p) / p for t, p in zip(samples[name], samples[""]))
-               for name, _ in runs[1:]}}
+    with set_checkpoint_early_stop(False):
+        for rep in range(max(1, repeats) + 1):
+            k = rep % len(runs)  # rotated: no run always follows the same one
+            for name, fn in [*runs[k:], *runs[:k]]:
+                sync()
+                start = time.perf_counter()
+                forward = _grad_step(call, fn, sync)
+                sync()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+                    if not name:
+                        forwards.append(forward)
+    plain = times[""]
+    # Shares of the plain run of the same round: the machine's load changes between rounds, and shares
+    # of one round do not.
+    return {"": plain, FORWARD: [f / p for f, p in zip(forwards, plain)],
+            **{name: [(t - p) / p for t, p in zip(times[name], plain)] for name, _ in runs[1:]}}
 
 
 def _pareto(measured: list[_Measured], record_kept: int) -> list[_Measured]:
@@ -409,31 +412,38 @@ def saved_keys(save: Sequence[str], ops: Sequence[OpRecord]) -> frozenset[str]:
     return frozenset(o.key for o in ops if o.key in names or o.name in names)
 
 
-def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float]) -> _BlockFigures:
+def _block_options(call: _BlockCall, repeats: int, cuts: Sequence[float], rounds: int | None = None,
+                   ) -> _BlockFigures:
     """The block's Pareto options, with the plain record's bytes and a region's time beside them.
 
     An option's time is the time of the ops it recomputes plus the policy's overhead, one figure for
-    the block: the median over its options of measured time less recomputed ops' time. Measured
-    option times differ from each other by less than a shared machine's noise (one attention op); the
-    sum keeps an option that saves more ops never slower than one that saves fewer. The ops' times,
-    recorded in runs of their own, are used as shares of the plain forward timed in the same rounds as
-    the options (a loaded machine can stretch the recorded runs many times over). A region's time is
-    measured, never below the plain forward (every op must run again)."""
+    the block: the median, over every option and timed round, of measured time less recomputed ops'
+    time. Measured option times differ from each other by less than a shared machine's noise (one
+    attention op); the sum keeps an option that saves more ops never slower than one that saves fewer.
+    The ops' times, recorded in runs of their own, are used as shares of the plain forward timed in the
+    same rounds as the options (a loaded machine can stretch the recorded runs many times over). A
+    region's time is measured, never below the plain forward (every op must run again). ``rounds``:
+    timed rounds of the options (``repeats`` when None)."""
     ops = block_ops(call, repeats)
     saves = candidates(ops, cuts)
     record_kept, _, record_bwd = _kept(call, None)
-    extra = _extra_times(call, saves, repeats)
+    shares = _extra_times(call, saves, repeats if rounds is None else rounds)
+    base = min(shares[""])  # the plain block's fastest run
+    forward = base * statistics.median(shares[FORWARD])
     keys = {name: saved_keys(save, ops) for name, save in saves.items()}
-    per_op_s = extra[FORWARD] / max(1e-12, sum(o.time_s for o in ops))
+    per_op_s = forward / max(1e-12, sum(o.time_s for o in ops))
     recomputed = {name: per_op_s * sum(o.time_s for o in ops if o.key not in keys[name]) for name in saves}
-    overhead = max(0.0, statistics.median(extra[n] - recomputed[n] for n in saves)) if saves else 0.0
+    # The policy's overhead, pooled over every option and round: one median of many samples (each a
+    # difference of two runs on a shared machine) rather than a median of per-option medians of few.
+    pooled = [base * x - recomputed[n] for n in saves for x in shares[n]]
+    overhead = max(0.0, statistics.median(pooled)) if pooled else 0.0
     measured = []
     for name, save in saves.items():
         kept, transient, backward = _kept(call, save)
         measured.append(_Measured(name, save, kept, transient, recomputed[name] + overhead,
                                   max(0, backward - record_bwd)))
-    region_s = max(extra[REGION], extra[FORWARD])
-    return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept), extra[""])
+    region_s = max(base * statistics.median(shares[REGION]), forward)
+    return _BlockFigures(record_kept, region_s, _pareto(measured, record_kept), base)
 
 
 # ---- the model -----------------------------------------------------------------------------------------
@@ -528,18 +538,54 @@ def _scales(stages: Sequence[Stage], figs: dict[int, _BlockFigures]) -> dict[int
     return {i: v if v is not None and mid / 2 <= v <= 2 * mid else mid for i, v in own.items()}
 
 
-def _figures_of(call: _BlockCall, name: str, repeats: int, cuts: Sequence[float]) -> _BlockFigures | str:
+def _figures_of(call: _BlockCall, name: str, repeats: int, cuts: Sequence[float], rounds: int | None = None,
+                ) -> _BlockFigures | str:
     """The block's figures, or why it cannot have options (said once, as a warning): the block takes no
     tensor hidden state, runs different ops in two identical forwards, or cannot run alone on its captured
     inputs or in a checkpoint (it reads or writes state outside its arguments)."""
     try:
-        return _block_options(call, repeats, cuts)
+        return _block_options(call, repeats, cuts, rounds)
     except Exception as e:  # any failure of the block run alone leaves it without options, said why
         first = (str(e).strip().splitlines() or [""])[0]
         reason = first if isinstance(e, ProfileError) else f"running it alone raised {type(e).__name__}: {first}"
         log.warning("remat.add_options: block %s (%s) gets no selective options (plans keep or recompute it"
                     " whole): %s", name, type(call.module).__name__, reason)
         return reason
+
+
+#: Identical blocks share one measurement of their options, timed over their pooled share of rounds:
+#: ``repeats`` per block, up to this many times ``repeats``.
+POOLED_ROUNDS = 4
+
+
+def _measured(prof: Profile, calls: dict[str, _BlockCall], names: Sequence[str], repeats: int,
+              cuts: Sequence[float]) -> tuple[dict[int, _BlockFigures], dict[str, str], int]:
+    """Per stage index, the figures of its block (identical blocks measured once); per block name, why it
+    has none; how many blocks were measured."""
+    index = {name: i for i, name in enumerate(prof.names)}
+    signatures: dict[str, str] = {}
+    for name in names:
+        i = index.get(name)
+        if i is None or not prof.stages[i].checkpointable or name not in calls:
+            continue
+        try:
+            signatures[name] = _signature(calls[name])
+        except Exception:  # _figures_of says why the block cannot run alone
+            signatures[name] = name
+    group = Counter(signatures.values())
+    shared: dict[str, _BlockFigures | str] = {}
+    skipped: dict[str, str] = {}
+    figs: dict[int, _BlockFigures] = {}
+    for name, sig in signatures.items():
+        if sig not in shared:
+            rounds = repeats * min(group[sig], POOLED_ROUNDS)
+            shared[sig] = _figures_of(calls[name], name, repeats, cuts, rounds)
+        fig = shared[sig]
+        if isinstance(fig, str):
+            skipped[name] = fig
+        else:
+            figs[index[name]] = fig
+    return figs, skipped, len(shared)
 
 
 def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages: Sequence[str] | None = None,
@@ -569,27 +615,9 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
     blocks, _ = find_stages(model, stages, inputs=as_call(example_inputs))
-    index = {name: i for i, name in enumerate(prof.names)}
-    shared: dict[str, _BlockFigures | str] = {}
-    skipped: dict[str, str] = {}
-    figs: dict[int, _BlockFigures] = {}
     with suspended(model), hf.cache_off(model), _Untouched([model]):
         calls = _capture(model, example_inputs, blocks)
-        for name, _mod in blocks:
-            i = index.get(name)
-            if i is None or not prof.stages[i].checkpointable or name not in calls:
-                continue
-            try:
-                sig = _signature(calls[name])
-            except Exception:  # _figures_of says why the block cannot run alone
-                sig = name
-            if sig not in shared:
-                shared[sig] = _figures_of(calls[name], name, repeats, cuts)
-            fig = shared[sig]
-            if isinstance(fig, str):
-                skipped[name] = fig
-            else:
-                figs[i] = fig
+        figs, skipped, profiled = _measured(prof, calls, [name for name, _ in blocks], repeats, cuts)
     scales = _scales(prof.stages, figs)
     new = list(prof.stages)
     for i, fig in figs.items():
@@ -599,6 +627,6 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
                         for o in fig.options)
         new[i] = dataclasses.replace(s, options=options, fwd_region_s=fig.region_s * scale if region_times
                                      else s.fwd_region_s)
-    meta = {**prof.meta, "options_profiled_blocks": len(shared), "options_skipped": skipped,
+    meta = {**prof.meta, "options_profiled_blocks": profiled, "options_skipped": skipped,
             "options_time_scale": {prof.stages[i].name: round(v, 4) for i, v in scales.items()}}
     return dataclasses.replace(prof, stages=tuple(new), meta=meta)
