@@ -93,9 +93,11 @@ def check_variant(model: nn.Module, example_inputs: Any, variant: Variant, *,
 
 
 def time_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Variant], *,
-                  loss_fn: Callable[[Any], torch.Tensor] | None = None, repeats: int = 5,
+                  loss_fn: Callable[[Any], torch.Tensor] | None = None, repeats: int = 5, warmup: int = 0,
                   on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
-    """Step times of every variant, round-robin: ``repeats`` rounds, the order rotated each round."""
+    """Step times of every variant, round-robin: ``repeats`` rounds, the order rotated each round. Each
+    timed step follows ``warmup`` untimed steps of the same variant (a training loop's steady state: the
+    allocator then holds what this variant's step needs, not what the previous variant left)."""
     default = _Step(model, example_inputs, loss_fn)
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     for r in range(repeats):
@@ -106,6 +108,9 @@ def time_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Vari
             step = v.step or default
             v.enter()
             try:
+                for _ in range(warmup):
+                    reset_grads(model)
+                    step()
                 reset_grads(model)
                 t0 = time.perf_counter()
                 step()
