@@ -20,8 +20,9 @@ same way and the difference to ``remat.measure``'s exact figure (fixed memory an
 to each compiled peak. Time. Round-robin rounds (the order rotated each round), one intra-op thread; each
 timed step follows an untimed one of the same variant (``--warmup``); ratios are medians of per-round
 ratios to no checkpointing, with their interquartile range; "noise" is the interquartile range of a second,
-identical no-checkpointing variant. remat against a peer: the median of per-round ratios remat / peer with
-its 90% confidence interval (order statistics); "faster" or "slower" only when the interval excludes 1.
+identical no-checkpointing variant. remat against a peer, side by side: remat's plan at the peer's peak and
+the peer timed alone, alternately (``--pair-repeats`` rounds); the median of per-round ratios remat / peer
+with its 90% confidence interval (order statistics); "faster" or "slower" only when the interval excludes 1.
 Budgets that give one plan share one timed variant. Gradients: bitwise equality with no
 checkpointing for eager variants; the largest absolute difference for compiled ones (decompositions change
 rounding and dropout's random stream).
@@ -304,6 +305,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # One variant per distinct schedule: budgets that give the same plan share its measurements (and
     # the rounds are not spent timing one schedule several times).
     remat_variants: dict[Any, Variant] = {}
+    checked: dict[str, tuple[int, str]] = {}
     alias: dict[str, str] = {}
     for label, (plan, at) in plans.items():
         v = remat_variants.get(plan.items)
@@ -311,8 +313,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             v = remat_variants[plan.items] = plan_variant(model, plan, label)
             peak, grads = check_variant(model, inputs, v)
             assert ref is not None
-            same = str(all(torch.equal(a, b) for a, b in zip(grads, ref)))
+            checked[v.label] = peak, str(all(torch.equal(a, b) for a, b in zip(grads, ref)))
         alias[label] = v.label
+        peak, same = checked[v.label]
         points[label] = Point(label, peak, pred_ratio=plan.time_s / none_s, pred_peak=plan.peak_bytes, plan=plan,
                               at=at, peer=False, grads=same)
     variants = eager + compiled_variants + list(remat_variants.values())
@@ -325,11 +328,15 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     times.update({label: times[of] for label, of in alias.items()})
     for label, r in ratios(times, "no checkpointing", "no checkpointing, again").items():
         points[label].ratio = r
+    by_label = {v.label: v for v in variants}
+    pairs = {p.label: head_to_head(model, inputs, by_label[alias[q.label]], by_label[p.label], args)
+             for p in points.values() if p.peer and not p.label.startswith("no checkp")
+             for q in points.values() if q.at == f"= {p.label}"}
     stability = plan_stability(model, inputs, prof, budgets, args) if args.stability else []
     return {"name": name, "text": text, "points": points, "fixed": fixed, "budgets": budgets, "prof": prof,
             "none_ms": 1e3 * statistics.median(times["no checkpointing"]), "profile_s": profile_s,
             "stability": stability, "stability_n": args.stability, "seconds": time.perf_counter() - t0,
-            "none_s": none_s, "times": times, "floor": min_peak_items(prof)[0]}
+            "none_s": none_s, "pairs": pairs, "floor": min_peak_items(prof)[0]}
 
 
 def budgets_at_peers(points: dict[str, Point]) -> dict[str, int]:
@@ -352,6 +359,15 @@ def remat_plans(prof: remat.Profile, budgets: dict[str, int]) -> dict[str, tuple
             continue
         out[f"remat {at}"] = (plan, at)
     return out
+
+
+def head_to_head(model: torch.nn.Module, inputs: dict[str, Any], ours: Variant, peer: Variant,
+                 args: argparse.Namespace) -> tuple[float, float, float]:
+    """remat's step time over the peer's, the two timed alone and alternately (A B, B A, ...): the median of
+    per-round ratios and its 90% confidence interval."""
+    print(f"   side by side: {ours.label} / {peer.label}", file=sys.stderr, flush=True)
+    times = time_variants(model, inputs, [ours, peer], repeats=args.pair_repeats, warmup=args.warmup)
+    return median_ci([a / b for a, b in zip(times[ours.label], times[peer.label])])
 
 
 def plan_stability(model: torch.nn.Module, inputs: dict[str, Any], prof: remat.Profile, budgets: dict[str, int],
@@ -398,11 +414,6 @@ def median_ci(values: list[float], level: float = 0.90) -> tuple[float, float, f
     return statistics.median(x), x[j], x[n - 1 - j]
 
 
-def paired(times: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:
-    """``a``'s step time over ``b``'s, per round (both timed in the same round): the median and its 90%
-    confidence interval. The run's noise for this comparison, whatever each variant's own spread."""
-    return median_ci([x / y for x, y in zip(times[a], times[b])])
-
 
 def noise_of(r: dict[str, Any]) -> float:
     med, lo, hi = r["points"]["no checkpointing, again"].ratio
@@ -427,7 +438,7 @@ def render(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | {p.peak / MIB:.2f} | {act / MIB:.1f} MiB ({act_none / act:.2f}x less) |"
                      f" {med:.3f} [{lo:.3f}-{hi:.3f}] | {pred} | {err} | {p.grads} |"
                      f" {describe(p.plan) if p.plan else ''} |")
-    lines += ["", "| peer | its peak | its time | remat's peak | remat's time | memory | remat / peer, per round"
+    lines += ["", "| peer | its peak | its time | remat's peak | remat's time | memory | remat / peer, side by side"
               " [90% CI] | time |", "|---|---|---|---|---|---|---|---|"]
     for p in pts.values():
         if p.peer and not p.label.startswith("no checkp"):
@@ -435,7 +446,7 @@ def render(r: dict[str, Any]) -> list[str]:
             if m is None:
                 lines.append(f"| {p.label} | {p.peak / MIB:.2f} | {p.ratio[0]:.3f} | infeasible | | MISSED | | |")
                 continue
-            med, lo, hi = paired(r["times"], m.label, p.label)
+            med, lo, hi = r["pairs"][p.label]
             verdict = "faster" if hi < 1 else "MISSED: slower" if lo > 1 else "tie (met)"
             lines.append(f"| {p.label} | {p.peak / MIB:.2f} | {p.ratio[0]:.3f} | {m.peak / MIB:.2f} |"
                          f" {m.ratio[0]:.3f} | {'met' if m.peak <= p.peak else 'MISSED'} |"
@@ -499,7 +510,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: floa
     png = ROOT / "benchmarks" / "peers.png"
     plot(results, png)
     command = (f".venv/bin/python benchmarks/peers.py --models {args.models} --repeats {args.repeats}"
-               f" --warmup {args.warmup} --profile-repeats {args.profile_repeats} --stability {args.stability}"
+               f" --warmup {args.warmup} --pair-repeats {args.pair_repeats} --profile-repeats {args.profile_repeats}"
+               f" --stability {args.stability}"
                f" --compile {args.compile}")
     lines = [START, "", f"Generated by `{command}` ({time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} min, torch"
              f" {torch.__version__}, one intra-op thread, CPU). Peaks: exact"
@@ -520,6 +532,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9, help="timed rounds")
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each timed one")
+    ap.add_argument("--pair-repeats", type=int, default=12, help="rounds of remat against each peer, alone")
     ap.add_argument("--stability", type=int, default=5, help="further profiles for the plan-stability check")
     ap.add_argument("--compile", default="aot_eager_decomp_partition")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
