@@ -586,6 +586,12 @@ def test_option_and_region_timings_recompute_the_whole_block_as_a_plan_does():
     call = ops._BlockCall(block, (torch.randn(4, 16),), {})
     ops._extra_times(call, {}, 2)
     assert len(finished) == 3 * (1 + 2)  # 3 rounds (one untimed): the plain forward; the region's twice
+    finished.clear()
+    ops._extra_times(call, {"matmul": ("aten.addmm.default",)}, 2)
+    assert len(finished) == 3 * (1 + 2 + 2)  # and the option's first pass and its recomputation
+    finished.clear()
+    ops._kept(call, ("aten.addmm.default",))  # the option's bytes, measured as it runs in a plan
+    assert len(finished) == 2
 
 
 def test_identical_blocks_share_one_measurement_timed_over_their_pooled_rounds(monkeypatch):
@@ -601,16 +607,22 @@ def test_identical_blocks_share_one_measurement_timed_over_their_pooled_rounds(m
     model = torch.nn.Sequential(*[mlp(32) for _ in range(6)], mlp(64))
     x = torch.randn(8, 16)
     prof = remat.profile(model, (x,), stages=[str(i) for i in range(7)], repeats=1, progress=False)
-    measured = []
-    real = ops._figures_of
+    measured, timed = [], []
+    real, real_times = ops._figures_of, ops._extra_times
 
     def spy(call, name, repeats, cuts, rounds=None):
-        measured.append((name, rounds))
+        measured.append(name)
         return real(call, name, repeats, cuts, rounds)
 
+    def spy_times(call, saves, repeats):
+        timed.append(repeats)
+        return real_times(call, saves, repeats)
+
     monkeypatch.setattr(ops, "_figures_of", spy)
+    monkeypatch.setattr(ops, "_extra_times", spy_times)
     out = ops.add_options(prof, model, (x,), stages=[str(i) for i in range(7)], repeats=2)
-    assert measured == [("0", 2 * ops.POOLED_ROUNDS), ("6", 2)]
+    assert measured == ["0", "6"]
+    assert timed == [2 * ops.POOLED_ROUNDS, 2]  # rounds actually timed: six blocks' pooled share, capped
     def saves(name):  # times differ: each is put on its own stage's scale
         return [(o.name, o.save, o.kept_bytes) for o in out.stages[out.names.index(name)].options]
 
