@@ -198,3 +198,12 @@ def test_the_cycle_finder_finds_and_prints_a_cycle():
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
     assert cycles(edges) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_dir_of_remat_lists_every_public_name():
+    """Names imported lazily (``remat.auto``, ``remat.measure``, ``remat.plan_of``) were missing from
+    ``dir(remat)``, so a REPL's completion did not offer them."""
+    import remat
+
+    assert set(remat.__all__) <= set(dir(remat))
+    assert all(hasattr(remat, name) for name in remat.__all__)

@@ -35,6 +35,7 @@ from remat.planning.profile import Stage
 from remat.planning.revolve import extra_forwards, extra_forwards_closed_form, revolve_items
 from remat.planning.solve import make_plan, min_feasible_peak, min_feasible_plan
 from remat.planning.strategies import strategy_options
+from remat.units import format_bytes
 
 BASELINES = ["none", "every", "sqrt", "uniform", "revolve"]
 
@@ -280,6 +281,18 @@ def test_infeasible_budget_message_names_budget_minimum_and_fix():
     msg = str(e.value)
     assert "3.00 GiB" in msg and "smallest feasible peak" in msg and "Raise the budget" in msg
     assert e.value.min_feasible_bytes > 3 * 2**30
+
+
+def test_infeasible_share_budget_says_what_share_is_the_least():
+    """A user asked for '50%' and read only MiB figures: the message names the no-checkpointing peak the
+    share is of, and the least feasible share."""
+    p = Profile.from_lists([2**30] * 4, [3 * 2**30] * 3 + [0], [1.0] * 4, [1.0] * 4, fixed_bytes=2**31)
+    with pytest.raises(InfeasibleBudgetError) as e:
+        solve(p, "50%")
+    none = solve(p, None, strategy="none").peak_bytes
+    least = -(-100 * e.value.min_feasible_bytes // none)
+    assert f"{least}% of the peak without checkpointing ({format_bytes(none)})" in str(e.value)
+    assert solve(p, f"{least}%").peak_bytes <= none * least / 100
 
 
 def test_strategy_that_does_not_fit_points_to_optimal():

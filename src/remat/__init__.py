@@ -105,6 +105,11 @@ if TYPE_CHECKING:
     from remat.runtime.profiler import profile
 
 
+def __dir__() -> list[str]:
+    """The public names, the lazily imported ones included (``dir(remat)``, completion in a REPL)."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     if name == "zoo":
         import importlib

@@ -113,9 +113,11 @@ def _infeasible_message(profile: Profile, budget: int, minimum: int, strategy: s
             " cannot be checkpointed (code between blocks, or a block called several times, such as a shared"
             " layer); name the blocks with stages=[...] if the model has them."
         )
+        none = no_checkpointing_peak(profile)
+        least = f", {math.ceil(100 * minimum / none)}% of the peak without checkpointing ({format_bytes(none)})"
         return (
             f"remat.solve: budget {format_bytes(budget)} is below the smallest feasible peak"
-            f" {format_bytes(minimum)} for this chain of {n} stages (fixed memory"
+            f" {format_bytes(minimum)}{least if none > 0 else ''} for this chain of {n} stages (fixed memory"
             f" {format_bytes(profile.fixed_bytes)}). Raise the budget or lower the batch size.{few}"
         )
     return (
