@@ -169,6 +169,68 @@ def test_an_unwritable_output_is_refused_before_profiling(capsys, no_work, tmp_p
     assert "does not exist" in err
 
 
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xfe\x00binary",
+                                     "é".encode("latin-1")])
+def test_a_binary_file_as_profile_is_one_line_naming_it(capsys, no_work, tmp_path, content):
+    bad = tmp_path / "f.png"
+    bad.write_bytes(content)
+    err = refused(capsys, "plan", "--profile", str(bad), "--budget", "80GiB")
+    assert f"--profile {bad}: " in err and "not a profile" in err
+    assert "expected a profile JSON written by `remat profile MODEL -o FILE`" in err
+
+
+@pytest.mark.parametrize(("text", "what"), [
+    ("[1, 2]", "a JSON list"),
+    ('{"a": 1}', "a JSON object without 'stages' (its keys: a)"),
+    ("not json", "not JSON"),
+    ('{"stages": [{"x": 1}]}', "not a remat profile"),
+    ('{"stages": 5}', "not a remat profile"),
+    ('{"format": "remat.Plan/1", "stages": []}', "a plan (`remat plan --json` writes plans), not a profile"),
+    ('{"format": "remat.Profile/9", "stages": []}', "unknown format 'remat.Profile/9'"),
+])
+def test_a_json_that_is_not_a_profile_is_one_line_naming_it(capsys, no_work, tmp_path, text, what):
+    bad = tmp_path / "p.json"
+    bad.write_text(text)
+    err = refused(capsys, "plan", "--profile", str(bad), "--budget", "80GiB")
+    assert f"--profile {bad}: {what}" in err and "expected" in err
+
+
+def test_a_directory_as_profile_is_one_line(capsys, no_work, tmp_path):
+    err = refused(capsys, "plan", "--profile", str(tmp_path), "--budget", "80GiB")
+    assert f"--profile {tmp_path}: is a directory; expected a profile JSON" in err
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's sysfs, where no one may create files")
+def test_an_output_the_system_refuses_is_found_before_profiling(capsys, no_work):
+    """The tests run as root, whom os.access lets write anywhere; sysfs refuses to create files even so."""
+    err = refused(capsys, "profile", "gpt2", "-o", "/sys/kernel/remat-profile.json")
+    assert "-o /sys/kernel/remat-profile.json: cannot be written (Permission denied)" in err
+    err = refused(capsys, "plan", "gpt2", "--budget", "80GiB", "--plot", "/sys/kernel/remat-frontier.png")
+    assert "--plot /sys/kernel/remat-frontier.png: cannot be written (Permission denied)" in err
+
+
+def test_an_output_under_a_file_is_found_before_profiling(capsys, no_work, tmp_path):
+    (tmp_path / "f.png").write_bytes(b"")
+    err = refused(capsys, "profile", "gpt2", "-o", str(tmp_path / "f.png" / "p.json"))
+    assert f"-o {tmp_path / 'f.png' / 'p.json'}: {tmp_path / 'f.png'} is not a directory" in err
+
+
+def test_checking_an_output_leaves_no_file_and_keeps_an_existing_one(tmp_path):
+    cli._check_output(str(tmp_path / "new.json"), "-o")
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old.json"
+    old.write_text("kept")
+    cli._check_output(str(old), "-o")
+    assert old.read_text() == "kept"
+
+
+@pytest.mark.parametrize("argv", [["plan", "gpt2", "--budget", "80GiB", "--plot", ""], ["demo", "--plot", ""],
+                                  ["profile", "gpt2", "-o", ""], ["plan", "gpt2", "--budget", "80GiB", "--plot="]])
+def test_an_empty_output_path_is_refused(capsys, no_work, argv):
+    err = refused(capsys, *argv)
+    assert "'': an empty path; give a file name" in err
+
+
 @pytest.mark.parametrize("flag", ["--repeats", "--batch", "--seq"])
 def test_zero_repeats_batch_or_seq_are_refused(capsys, no_work, flag):
     err = refused(capsys, "plan", "gpt2", flag, "0", "--budget", "80GiB")

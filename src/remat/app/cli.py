@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -90,16 +91,70 @@ def _check_budget(text: str) -> None:
 
 
 def _check_output(path: str, flag: str, *, png: bool = False) -> None:
+    """Refuse an output path that cannot be written, before any work: the file is opened for writing (and
+    removed again if it did not exist), so what the system refuses (a read-only or virtual file system,
+    permissions, even as root) is found now, not after profiling."""
+    if not path:
+        raise UsageError(f"{flag} '': an empty path; give a file name" + (" ending in .png" if png else ""))
     if png and not path.lower().endswith(".png"):
         raise UsageError(f"{flag} {path}: the frontier is written as a PNG image; give a path ending in .png")
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
     if not os.path.isdir(parent):
-        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
-    target = path if os.path.exists(path) else parent
-    if not os.access(target, os.W_OK):
-        raise UsageError(f"{flag} {path}: {target} is not writable")
+        why = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise UsageError(f"{flag} {path}: {parent} {why}; give a path in an existing directory")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab" if existed else "xb"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e}); give a path in a writable"
+                         " directory") from e
+
+
+#: What ``--profile`` expects, for its error messages.
+PROFILE_EXPECTED = "expected a profile JSON written by `remat profile MODEL -o FILE`"
+
+
+def _read_profile(path: str) -> Profile:
+    """The profile saved at ``path``; anything else is a :class:`UsageError` naming the file and what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            if b"\0" in head or not _utf8_prefix(head):
+                raise UsageError(f"--profile {path}: a binary file, not a profile; {PROFILE_EXPECTED}")
+            text = (head + f.read()).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--profile {path}: not UTF-8 text ({e.reason} at byte {e.start}), not a profile;"
+                         f" {PROFILE_EXPECTED}") from e
+    except OSError as e:
+        raise UsageError(f"--profile {path}: cannot be read ({e.strerror or e}); {PROFILE_EXPECTED}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--profile {path}: not JSON ({e}), not a profile; {PROFILE_EXPECTED}") from e
+    if not isinstance(data, dict) or "stages" not in data or str(data.get("format")).startswith("remat.Plan"):
+        what = (f"a JSON {type(data).__name__}" if not isinstance(data, dict)
+                else "a plan (`remat plan --json` writes plans)" if "stages" in data
+                else f"a JSON object without 'stages' (its keys: {', '.join(map(str, data)) or 'none'})")
+        raise UsageError(f"--profile {path}: {what}, not a profile; {PROFILE_EXPECTED}")
+    try:
+        return Profile.from_dict(data)
+    except (RematError, ValueError, TypeError, KeyError, AttributeError) as e:
+        why = str(e).removeprefix("Profile.from_json: ") or type(e).__name__
+        raise UsageError(f"--profile {path}: {why}" + ("" if "expected" in why else f"; {PROFILE_EXPECTED}")) from e
+
+
+def _utf8_prefix(head: bytes) -> bool:
+    """Whether ``head``, the start of a file, is UTF-8 text (a character cut at its end allowed)."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == "unexpected end of data"
+    return True
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -112,7 +167,9 @@ def _check_model_args(args: argparse.Namespace) -> None:
                              f" {', '.join(extra)} would be ignored: drop {'it' if len(extra) == 1 else 'them'},"
                              " or drop --profile")
         if not os.path.isfile(args.profile):
-            raise UsageError(f"--profile {args.profile}: no such file")
+            why = "is a directory" if os.path.isdir(args.profile) else "no such file"
+            raise UsageError(f"--profile {args.profile}: {why}; {PROFILE_EXPECTED}")
+        args.loaded_profile = _read_profile(args.profile)
         return
     for k, v in MODEL_DEFAULTS.items():
         if getattr(args, k) is None:
@@ -133,7 +190,7 @@ def _check_plan_args(args: argparse.Namespace) -> None:
     if args.json and args.frontier:
         raise UsageError("--json prints only the plan, for programs, and --frontier a table for people: use one"
                          " (remat.frontier gives the frontier's plans in Python)")
-    if args.plot:
+    if args.plot is not None:
         _check_output(args.plot, "--plot", png=True)
     if args.fsdp and args.profile:
         raise UsageError("--fsdp plans from the model itself (its parameters' shapes): give a model, not --profile")
@@ -169,10 +226,9 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
     return prof, desc
 
 
-def _load_profile(path: str) -> tuple[Profile, str]:
-    with open(path) as f:
-        prof = Profile.from_json(f.read())
-    return prof, f"profile {path} ({len(prof.stages)} stages, {prof.device})"
+def _load_profile(args: argparse.Namespace) -> tuple[Profile, str]:
+    prof: Profile = args.loaded_profile  # read and checked by _check_model_args
+    return prof, f"profile {args.profile} ({len(prof.stages)} stages, {prof.device})"
 
 
 def _add_optimizer(prof: Profile, optimizer: str) -> Profile:
@@ -216,7 +272,7 @@ def _print_frontier(prof: Profile) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """``remat plan``: profile (or load) -> solve -> report; ``--json`` for programs."""
     _check_plan_args(args)
-    prof, desc = _load_profile(args.profile) if args.profile else _profile_model(args, quiet=args.json)
+    prof, desc = _load_profile(args) if args.profile else _profile_model(args, quiet=args.json)
     prof = _add_optimizer(prof, args.optimizer)
     plan = solve(prof, args.budget, strategy=args.strategy)
     if args.json:
