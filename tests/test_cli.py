@@ -133,6 +133,40 @@ def test_the_catalogs_positions_are_the_configs(name):
     assert config.max_position_embeddings == spec.max_positions  # GPT-2 maps it to n_positions
 
 
+#: The published configs of the models the built-ins are named after (the Hugging Face hub's config.json of
+#: gpt2, gpt2-medium, meta-llama/Llama-2-7b-hf, meta-llama/Llama-2-13b-hf, bert-base-uncased).
+REAL_CONFIGS = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "bert-base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      vocab_size=30522, max_position_embeddings=512),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_the_built_ins_named_after_real_models_have_their_real_configs(name):
+    import transformers
+
+    spec = catalog.MODELS[name]
+    config = getattr(transformers, spec.classes[0])(**spec.config)
+    for key, value in REAL_CONFIGS[name].items():
+        assert getattr(config, key) == value, (name, key)
+    assert spec.max_positions == config.max_position_embeddings
+    assert (spec.layers, spec.hidden, spec.heads, spec.vocab) == (
+        config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.vocab_size)
+
+
+@pytest.mark.parametrize(("name", "seq", "limit"), [("gpt2", 2048, 1024), ("gpt2-medium", 1025, 1024),
+                                                    ("bert-base", 1024, 512), ("gpt2-tiny", 2048, 1024)])
+def test_gpt2_and_bert_refuse_sequences_past_their_real_positions(capsys, no_work, name, seq, limit):
+    err = refused(capsys, "plan", name, "--seq", str(seq), "--budget", "80GiB")
+    assert f"--seq {seq} is past {name}'s {limit} positions" in err and f"use --seq {limit} or less" in err
+
+
 def test_zoo_build_refuses_what_the_cli_refuses():
     with pytest.raises(remat.RematError, match="past gpt2-tiny's 1024 positions"):
         zoo.build("gpt2-tiny", batch=1, seq=2048, device="meta")

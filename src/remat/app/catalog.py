@@ -85,14 +85,14 @@ def _bert(name: str, description: str, layers: int, hidden: int, mlp: int, heads
 
 
 MODELS: dict[str, ModelSpec] = {m.name: m for m in [
-    _gpt2("gpt2", "GPT-2 small: 12 layers, hidden 768, vocab 50257", 12, 768, 12, 50257, 4096),
-    _gpt2("gpt2-medium", "GPT-2 medium: 24 layers, hidden 1024", 24, 1024, 16, 50257, 4096),
+    _gpt2("gpt2", "GPT-2 small: 12 layers, hidden 768, vocab 50257", 12, 768, 12, 50257, 1024),
+    _gpt2("gpt2-medium", "GPT-2 medium: 24 layers, hidden 1024", 24, 1024, 16, 50257, 1024),
     _gpt2("gpt2-tiny", "GPT-2-style, 8 layers, hidden 256, vocab 8192 (demo size)", 8, 256, 4, 8192, 1024),
     _llama("llama-7b", "Llama-2-7B shape: 32 layers, hidden 4096, MLP 11008, vocab 32000",
            32, 4096, 11008, 32, 32, 32000, 4096),
     _llama("llama-13b", "Llama-2-13B shape: 40 layers, hidden 5120, MLP 13824", 40, 5120, 13824, 40, 40, 32000, 4096),
     _llama("llama-tiny", "Llama-style, 6 layers, hidden 256, GQA 4/2 heads", 6, 256, 688, 4, 2, 8192, 1024),
-    _bert("bert-base", "BERT base: 12 layers, hidden 768 (masked-LM loss)", 12, 768, 3072, 12, 30522, 4096),
+    _bert("bert-base", "BERT base: 12 layers, hidden 768 (masked-LM loss)", 12, 768, 3072, 12, 30522, 512),
     ModelSpec("mlp", "residual MLP: 16 blocks, width 1024, hidden 4096", "mlp", MLP_WIDTH, 4096, 0, 16, None, None),
 ]}
 
