@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from remat.app.catalog import DTYPE_BYTES, MODELS, check_request
+from remat.app.catalog import DTYPE_BYTES, MODELS, check_request, check_spec, config_spec, parse_model
 from remat.errors import RematError
 from remat.planning.budget import parse_budget
 from remat.planning.profile import Profile
@@ -40,6 +40,22 @@ OPTIMIZER_NAMES = ("none", "sgd", "sgd-momentum", "adam", "adamw")
 
 BUDGET_HELP = ("peak memory of one training step, fixed memory included: a size ('80GiB', '6GB', '750MiB')"
                " or a byte count, or a share of the peak without checkpointing ('50%%', '0.5')")
+
+
+USER_MODELS = """\
+your own model (remat plan MODEL, remat profile MODEL):
+  FILE.py:FUNCTION or module:FUNCTION (a module importable from the current directory or installed)
+    FUNCTION returns the model, (model, inputs) or (model, inputs, loss_fn). It is passed, by name, those of
+    batch, seq, dtype (a torch.dtype) and device (a str) that it has as parameters, and called under
+    `with torch.device(device)`, so that on meta nothing is allocated; the model and the inputs are then
+    moved to --device. inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs;
+    loss_fn(output) -> scalar (default: output.loss, a scalar output, or output.sum()). A model returned
+    alone must be a transformers language model: it is fed --batch x --seq token ids (labels the same).
+    --dtype given to a function without a dtype parameter casts the model and floating-point inputs;
+    --batch or --seq given to one that makes its own inputs without such a parameter is refused.
+  path/to/config.json (or the directory holding it): a transformers config, built with random weights by
+    AutoModelForCausalLM.from_config (nothing downloaded) and fed --batch x --seq token ids.
+"""
 
 
 class UsageError(RematError):
@@ -171,14 +187,30 @@ def _check_model_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--profile {args.profile}: {why}; {PROFILE_EXPECTED}")
         args.loaded_profile = _read_profile(args.profile)
         return
+    args.given = {k for k in MODEL_DEFAULTS if getattr(args, k) is not None}
     for k, v in MODEL_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if not args.model:
-        raise UsageError(f"remat {args.command}: name a model ({', '.join(MODELS)})"
+        raise UsageError(f"remat {args.command}: name a model ({', '.join(MODELS)}; or FILE.py:FUNCTION,"
+                         " module:FUNCTION, a transformers config.json)"
                          + (" or pass --profile FILE" if args.command == "plan" else ""))
-    check_request(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    kind, where, _ = parse_model(args.model)
+    if kind == "builtin":
+        check_request(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    elif kind == "config":  # its shape, without torch: positions and sizes checked as a built-in's
+        check_spec(config_spec(where), batch=args.batch, seq=args.seq, dtype=args.dtype)
     args.device = _check_device(args.device)
+    args.user = None
+
+
+def _check_user_model(args: argparse.Namespace) -> None:
+    """The last check, after the cheap ones: a user's model function imported and found, its parameters
+    ones remat can give; a config one that transformers builds."""
+    if not getattr(args, "profile", None) and parse_model(args.model)[0] != "builtin":
+        from remat.app.zoo import user_model
+
+        args.user = user_model(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
 
 
 def _check_plan_args(args: argparse.Namespace) -> None:
@@ -194,6 +226,7 @@ def _check_plan_args(args: argparse.Namespace) -> None:
         _check_output(args.plot, "--plot", png=True)
     if args.fsdp and args.profile:
         raise UsageError("--fsdp plans from the model itself (its parameters' shapes): give a model, not --profile")
+    _check_user_model(args)
 
 
 # ---- remat plan / remat profile ------------------------------------------------------------------
@@ -206,7 +239,8 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
     from remat.runtime.optimizer import OPTIMIZERS, optimizer_state_bytes
     from remat.runtime.profiler import profile
 
-    built = zoo.build(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype, device=args.device)
+    sizes = dict(batch=args.batch, seq=args.seq, dtype=args.dtype, device=args.device)
+    built = args.user.build(**sizes, given=args.given) if args.user else zoo.build(args.model, **sizes)
     t0 = time.perf_counter()
     prof = profile(built.model, built.inputs, loss_fn=built.loss_fn, device=args.device,
                          throughput=args.throughput, progress=sys.stderr.isatty() and not quiet,
@@ -221,7 +255,7 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
     prof = dataclasses.replace(prof, meta={**prof.meta, "optimizer_state_bytes": state})
     where = (f"on meta (no memory used; times estimated for {args.throughput})" if args.device == "meta"
              else f"on {args.device}")
-    desc = (f"{args.model}: {built.description}; batch {args.batch} x seq {args.seq}, {args.dtype}; profiled {where}"
+    desc = (f"{args.model}: {built.description}; {built.shapes}; profiled {where}"
             f" in {time.perf_counter() - t0:.1f} s" + (f"; one rank of FSDP2 over {fsdp} ranks" if fsdp else ""))
     return prof, desc
 
@@ -293,6 +327,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """``remat profile MODEL -o FILE``."""
     _check_model_args(args)
     _check_output(args.output, "-o")
+    _check_user_model(args)
     prof, desc = _profile_model(args, quiet=False)
     with open(args.output, "w") as f:
         f.write(prof.to_json())
@@ -339,9 +374,12 @@ def _epilog() -> str:
         "  count; or a share of the predicted peak without checkpointing: 50% or 0.5.\n"
         f"strategies (--strategy, default optimal): {', '.join(strategies())}\n"
         f"models (random or meta weights, never downloaded; defaults {defaults}):\n{models}\n"
+        f"{USER_MODELS}"
         "examples:\n"
         "  remat plan llama-7b --batch 8 --seq 4096 --dtype bfloat16 --budget 80GiB --optimizer adamw\n"
         "  remat profile gpt2-tiny --device cpu -o profile.json && remat plan --profile profile.json --budget 50%\n"
+        "  remat plan my_model.py:build --batch 4 --seq 2048 --dtype bfloat16 --budget 24GiB\n"
+        "  remat plan path/to/config.json --seq 4096 --dtype bfloat16 --budget 80GiB\n"
         "  remat demo"
     )
 
@@ -352,7 +390,9 @@ def _debug_arg(q: argparse.ArgumentParser) -> None:
 
 def _model_args(q: argparse.ArgumentParser) -> None:
     d = MODEL_DEFAULTS
-    q.add_argument("model", nargs="?", help=f"a built-in model: {', '.join(MODELS)}")
+    q.add_argument("model", nargs="?", help=f"a built-in model ({', '.join(MODELS)}); or your own:"
+                                           " FILE.py:FUNCTION, module:FUNCTION or a transformers config.json"
+                                           " (see below)")
     q.add_argument("--batch", type=_positive("--batch"), help=f"batch size (default {d['batch']})")
     q.add_argument("--seq", type=_positive("--seq"),
                    help=f"sequence length, at most the model's positions (default {d['seq']})")
