@@ -224,6 +224,8 @@ class Plan:
         stage_kinds: per stage, its kind (``"prologue"``, ``"block"``, ``"glue"``, ``"head"``); only blocks
             are ever inside a region. Left empty, it is inferred from the names as for a plan saved
             before kinds were recorded: ``<prologue>`` and ``<head>`` by name, every other stage a block.
+        autocast: the autocast the planned step runs under (``"cpu:bfloat16"``), empty for none;
+            :func:`remat.apply` refuses a recording call under another.
 
     Plans are made by :func:`remat.solve` (and :func:`remat.frontier`); :meth:`validate` checks one made
     or edited by hand.
@@ -238,6 +240,7 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict, compare=False)
     input_shapes: tuple[Any, ...] = ()
     stage_kinds: tuple[str, ...] = ()
+    autocast: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", frozen(self.input_shapes))
@@ -306,6 +309,7 @@ class Plan:
             "input_shapes": list(self.input_shapes),
             "stage_names": list(self.stage_names),
             "stage_kinds": list(self.stage_kinds),
+            "autocast": self.autocast,
             "items": [it.to_dict() for it in self.items],
             "prediction": self.prediction.to_dict(),
         }
@@ -399,7 +403,7 @@ def _check_fields(plan: Plan) -> None:
 # PlanError naming the key or the item, never a KeyError or a TypeError from deep inside a planner.
 
 _PLAN_KEYS = ("format", "strategy", "budget_bytes", "stage_names", "items", "prediction")
-_PLAN_OPTIONAL = ("fingerprint", "options", "input_shapes", "stage_kinds")
+_PLAN_OPTIONAL = ("fingerprint", "options", "input_shapes", "stage_kinds", "autocast")
 _PREDICTION_KEYS = ("peak_bytes", "fwd_s", "bwd_s", "recompute_s", "forwards", "held_bytes", "fixed_bytes")
 _ITEM_KEYS = {"record": ("op", "stage"), "region": ("op", "start", "stop", "body"),
               "selective": ("op", "stage", "option", "save")}
@@ -492,7 +496,7 @@ def _plan_from_dict(d: Any) -> Plan:
     options = d.get("options", {})
     if not isinstance(options, dict):
         raise PlanError(f"options={options!r} must be an object")
-    for key in ("strategy", "fingerprint"):
+    for key in ("strategy", "fingerprint", "autocast"):
         if not isinstance(d.get(key, ""), str):
             raise PlanError(f"{key}={d[key]!r} must be a string")
     return Plan(
@@ -505,4 +509,5 @@ def _plan_from_dict(d: Any) -> Plan:
         options=options,
         input_shapes=tuple(_list(d.get("input_shapes", []), "input_shapes")),
         stage_kinds=_strings(d.get("stage_kinds", []), "stage_kinds"),
+        autocast=d.get("autocast", ""),
     )

@@ -46,6 +46,7 @@ def make_plan(profile: Profile, items: Sequence[Item], *, strategy: str, budget_
         options=dict(options or {}),
         input_shapes=profile.input_shapes,
         stage_kinds=profile.kinds,
+        autocast=str(profile.meta.get("autocast", "")),
     ).validate()
 
 

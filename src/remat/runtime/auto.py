@@ -20,11 +20,11 @@ from remat.runtime import hf
 from remat.runtime.distributed import plan_for_job
 from remat.runtime.executor import apply, remove
 from remat.runtime.measure import measure
-from remat.runtime.model import as_call, loss_function, tensors_in
 from remat.runtime.ops import add_options
 from remat.runtime.optimizer import Spec, optimizer_state_bytes
 from remat.runtime.profiler import preserved, profile
 from remat.runtime.regions import suspended
+from remat.runtime.step import Step, autocast_of, training
 from remat.runtime.timeline import Throughput
 from remat.units import format_bytes
 
@@ -48,13 +48,16 @@ def auto(
     progress: bool | None = None,
     block_options: bool = False,
     throughput: Throughput | str | None = None,
+    autocast: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Make one training step of ``model`` fit ``budget`` at the least extra time: profile, solve, apply,
     and check the planned step once.
 
     Args:
-        model: in training mode; a transformers model works as is (with labels in the inputs).
+        model: a transformers model works as is (with labels in the inputs). The step is planned and
+            checked in training mode, as it trains: a model in evaluation mode (as ``from_pretrained``
+            leaves it) is switched to training mode while planned and switched back.
         example_inputs: a batch of the shape you will train on: a tensor, a tuple, or a dict of kwargs.
         budget: peak bytes of the step: ``"6GiB"``, an int, or a share of the no-checkpointing peak.
         loss_fn: ``loss_fn(output) -> scalar`` when the model does not return its loss.
@@ -70,6 +73,9 @@ def auto(
             seed; this runs the step without checkpointing once). False: no check.
         progress: a progress bar while profiling; None: when stderr is a terminal.
         block_options: also give the planner selective options inside blocks (:func:`remat.add_options`).
+        autocast: the dtype the step's forward runs in under ``torch.autocast`` (``torch.bfloat16``);
+            default: the autocast block open when ``auto`` is called, if any; False: none. The planned
+            model then refuses recording calls under another autocast (:class:`remat.PlanMismatchError`).
 
     Returns:
         The same model, planned in place (:func:`remat.remove` undoes it; :func:`remat.plan_of` gives
@@ -84,14 +90,18 @@ def auto(
     """
     if verify not in (True, False, "grads"):
         raise RematError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
-    with _checkpointing_back_on_failure(model):
-        prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
-                         repeats=repeats, sizes=sizes, progress=progress, throughput=throughput)
-        plan = _solved(prof, budget, strategy, options)
-    apply(model, plan)
-    _log_summary(prof, plan)
-    if verify:
-        _verify(model, example_inputs, loss_fn, plan, optimizer, grads=verify == "grads")
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    ac = autocast_of(autocast, param.device.type if param is not None else "cpu", "remat.auto")
+    with training(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
+        with _checkpointing_back_on_failure(model):
+            prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
+                             repeats=repeats, sizes=sizes, progress=progress, throughput=throughput,
+                             autocast=ac or False)
+            plan = _solved(prof, budget, strategy, options)
+        apply(model, plan)
+        _log_summary(prof, plan)
+        if verify:
+            _verify(Step.of(model, example_inputs, loss_fn, ac), plan, optimizer, grads=verify == "grads")
     return model
 
 
@@ -126,30 +136,23 @@ def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: 
     cap = absolute_bytes(budget)
     prof = profile(model, example_inputs, limit_bytes=None if cap is None else max(0, cap - state), **kwargs)
     if block_options and prof.device != "meta":
-        prof = add_options(prof, model, example_inputs, stages=kwargs["stages"], repeats=max(1, kwargs["repeats"]))
+        prof = add_options(prof, model, example_inputs, stages=kwargs["stages"], repeats=max(1, kwargs["repeats"]),
+                           autocast=kwargs["autocast"])
     if optimizer is None:
         return prof
     label = optimizer if isinstance(optimizer, str) else f"{type(optimizer).__name__} state"
     return prof.with_extra_fixed(optimizer_state_bytes(model, optimizer, device=prof.device), label)
 
 
-def _verify(model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None, plan: Plan,
-            optimizer: torch.optim.Optimizer | Spec | None, *, grads: bool) -> None:
-    """Run the planned step once (after one warm-up, so gradients count from the start, as planned) and
-    check its peak against the budget; with ``grads``, check it against the plain model bit for bit."""
-    args, kwargs = as_call(example_inputs)
-    get_loss = loss_function(loss_fn)
+def _verify(step: Step, plan: Plan, optimizer: torch.optim.Optimizer | Spec | None, *, grads: bool) -> None:
+    """Run the planned step once (after one warm-up, so gradients count from the start, as planned), the
+    output held through backward as a loop holds it, and check its peak against the budget; with
+    ``grads``, check it against the plain model bit for bit."""
+    model = step.model
     cuda = any(p.is_cuda for p in model.parameters())
-
-    def step() -> torch.Tensor:
-        loss = get_loss(model(*args, **kwargs))
-        loss.backward()
-        return loss.detach()
-
     try:
         with preserved(model, cuda):
-            m = measure(step, model=model, inputs=tensors_in((args, kwargs)), optimizer=optimizer, warmup=1,
-                        repeats=0)
+            m = measure(step, model=model, inputs=step.inputs, optimizer=optimizer, warmup=1, repeats=0)
     except Exception as e:
         remove(model)
         raise VerificationError(
@@ -165,11 +168,14 @@ def _verify(model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torc
             " Profile with sizes='measured' if the step fits on the device, or give stages=[...]; please report"
             " the model to remat"
         )
+    log.info("remat.auto: checked: the planned step, its output held through backward, measured a peak of %s"
+             " (%d B; budget %s, predicted %s)", format_bytes(m.peak_bytes), m.peak_bytes,
+             format_bytes(budget) if budget is not None else "none", format_bytes(plan.prediction.peak_bytes))
     if grads:
         _compare_gradients(model, step, cuda)
 
 
-def _compare_gradients(model: nn.Module, step: Callable[[], torch.Tensor], cuda: bool) -> None:
+def _compare_gradients(model: nn.Module, step: Step, cuda: bool) -> None:
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         for p in model.parameters():
             p.grad = None

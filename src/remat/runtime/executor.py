@@ -21,7 +21,8 @@ from remat.errors import PlanError, PlanMismatchError
 from remat.planning.plan import Plan
 from remat.runtime import hf
 from remat.runtime.model import describe_input_mismatch, inner_name, input_shapes, model_signature, unwrap
-from remat.runtime.regions import Runner, runner_of
+from remat.runtime.regions import Runner
+from remat.runtime.step import Autocast
 
 __all__ = ["apply", "is_applied", "plan_of", "remove"]
 
@@ -42,10 +43,13 @@ class _InputCheck:
         self.plan = plan
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled() or not self.plan.input_shapes:
+        if not torch.is_grad_enabled():
             return
-        runner = runner_of(module)
-        if runner is not None and runner.suspended:
+        state = _state(module)  # the plan's own runner: profiling suspends it and may run another on top
+        if state is not None and state.runner.suspended:
+            return
+        _check_autocast(module, self.plan)
+        if not self.plan.input_shapes:
             return
         what = describe_input_mismatch(input_shapes(args, kwargs), [list(s) for s in self.plan.input_shapes])
         if what:
@@ -54,6 +58,23 @@ class _InputCheck:
                 " figures hold for the planned inputs or smaller ones of the same dtypes. Profile and solve again"
                 " for these inputs (remat.auto does both), or apply(model, plan, check_inputs=False) to run anyway."
             )
+
+
+def _check_autocast(module: nn.Module, plan: Plan) -> None:
+    """A recording call runs under the autocast the plan was made for (Note [The step that runs] in
+    :mod:`remat.runtime.step`): autocast's cast copies are part of what the plan holds."""
+    param = next(iter(module.parameters()), None)
+    now = Autocast.current(param.device.type if param is not None else "cpu")
+    if (str(now) if now is not None else "") == plan.autocast:
+        return
+    ran = f"under torch.autocast ({now})" if now is not None else "without autocast"
+    made = f"for autocast {plan.autocast}" if plan.autocast else "without autocast"
+    fix = (f"remat.auto(..., autocast={now.dtype}) or call remat.auto inside the autocast block" if now is not None
+           else "remat.auto(..., autocast=False)")
+    raise PlanMismatchError(
+        f"remat: this call runs {ran}, but the plan was made {made}: the step's memory (autocast keeps cast copies of"
+        f" the weights) is not what the plan predicts. Profile and solve again as the step runs: {fix}"
+    )
 
 
 def _state(model: nn.Module) -> _Applied | None:

@@ -48,6 +48,7 @@ Note: [Block options]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -72,6 +73,7 @@ from remat.runtime.measure import MemoryTracker
 from remat.runtime.model import as_call, carry_of, find_stages, split_carry, tensors_in
 from remat.runtime.policy import SavePolicy, selective_contexts
 from remat.runtime.regions import suspended
+from remat.runtime.step import autocast_of, training
 
 log = logging.getLogger("remat")
 
@@ -589,7 +591,8 @@ def _measured(prof: Profile, calls: dict[str, _BlockCall], names: Sequence[str],
 
 
 def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages: Sequence[str] | None = None,
-                repeats: int = 5, cuts: Sequence[float] = (0.25, 0.5, 0.75), region_times: bool = True) -> Profile:
+                repeats: int = 5, cuts: Sequence[float] = (0.25, 0.5, 0.75), region_times: bool = True,
+                autocast: Any = None) -> Profile:
     """``prof`` with selective options on its blocks (:attr:`remat.Stage.options`), measured on ``model``.
 
     Args:
@@ -603,6 +606,8 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
         region_times: also set each block's ``fwd_region_s`` from the same runs as its options' times
             (a plain one-block checkpoint against the plain block), so that the planner compares
             regions and options on one scale.
+        autocast: as given to :func:`remat.profile`; blocks run under it with its cache off, as a
+            planned model runs (Note [The step that runs] in :mod:`remat.runtime.step`).
 
     Each option's ``kept_bytes`` is the stage's ``xbar_bytes`` less what the option saves over a plain
     record, both measured the same way (Note [Block options], 4). A block that cannot have options (no
@@ -615,7 +620,10 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
     blocks, _ = find_stages(model, stages, inputs=as_call(example_inputs))
-    with suspended(model), hf.cache_off(model), _Untouched([model]):
+    param = next(iter(model.parameters()), None)
+    ac = autocast_of(autocast, param.device.type if param is not None else "cpu", "remat.add_options")
+    with suspended(model), hf.cache_off(model), _Untouched([model]), training(model), \
+            ac.forward() if ac is not None else contextlib.nullcontext():
         calls = _capture(model, example_inputs, blocks)
         figs, skipped, profiled = _measured(prof, calls, [name for name, _ in blocks], repeats, cuts)
     scales = _scales(prof.stages, figs)

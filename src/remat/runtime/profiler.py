@@ -51,6 +51,7 @@ from remat.runtime.model import (
     tensors_in,
 )
 from remat.runtime.regions import Runner, recompute_copy_bytes, suspended
+from remat.runtime.step import Autocast, Step, autocast_of, training
 from remat.runtime.timeline import THROUGHPUTS, Key, Run, Throughput, Timeline, Tracked
 
 log = logging.getLogger("remat")
@@ -149,9 +150,11 @@ class _Fake:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     mode: Any
+    autocast: Autocast | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], device: str) -> _Fake:
+    def of(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], device: str,
+           autocast: Autocast | None) -> _Fake:
         """On ``device="meta"`` the copy plans for another device; else its tensors keep their device (so
         that code which branches on it runs as on the device), and real tensors the step uses besides
         its inputs (a target in ``loss_fn``) are faked as they come."""
@@ -180,7 +183,7 @@ class _Fake:
         fake_model = copy.deepcopy(model, dict(memo))
         args = torch.utils._pytree.tree_map(fake, args)
         kwargs = torch.utils._pytree.tree_map(fake, kwargs)
-        return cls(fake_model, args, kwargs, mode)
+        return cls(fake_model, args, kwargs, mode, autocast)
 
     @contextlib.contextmanager
     def running(self, flash: bool) -> Iterator[None]:
@@ -228,6 +231,7 @@ def profile(
     throughput: Throughput | str | None = None,
     progress: bool | None = False,
     world_size: int | None = None,
+    autocast: Any = None,
 ) -> Profile:
     """Profile one training step of ``model`` as a chain of stages.
 
@@ -257,6 +261,13 @@ def profile(
         progress: a progress bar on stderr; None: when stderr is a terminal.
         world_size: plan one rank of FSDP2 over this many ranks (docs/distributed.md): the profile of
             the model before sharding, made per rank by :func:`remat.runtime.distributed.fsdp_profile`.
+        autocast: the step's forward runs under ``torch.autocast`` in this dtype (``torch.bfloat16``);
+            default: the autocast block open when this is called, if any; False: none. The cast copies
+            of the weights that autocast keeps are measured as the step makes them (Note [The step that
+            runs] in :mod:`remat.runtime.step`).
+
+    The step is profiled in training mode: a model in evaluation mode (as ``from_pretrained`` leaves it)
+    is switched to training mode for the profile and switched back after.
 
     Returns:
         A :class:`remat.Profile`. ``meta["measured_peak_bytes"]`` is the exact peak of the profiled step
@@ -266,14 +277,34 @@ def profile(
         ProfileError: no chain can be found, or the stages do not run once each, in order.
     """
     tp, device = _checked(model, device=device, sizes=sizes, repeats=repeats, throughput=throughput)
+    ac = _autocast(model, autocast, device)
     with contextlib.ExitStack() as stack:
-        real, fake = _steps(model, example_inputs, stack, loss_fn=loss_fn, stages=stages, device=device, sizes=sizes)
+        if stack.enter_context(training(model)):
+            log.info("remat.profile: %s is in evaluation mode; profiled in training mode, as it trains (its modes"
+                     " are restored after)", type(model).__name__)
+        real, fake = _steps(model, example_inputs, stack, loss_fn=loss_fn, autocast=ac, stages=stages, device=device,
+                            sizes=sizes)
         tick = _Progress(progress, 3 + warmup + 3 * repeats)
         stack.callback(tick.close)
         prof = _profile(real, fake, loss_fn=loss_fn, stages=stages, device=device, sizes=sizes,
                         limit_bytes=limit_bytes, warmup=warmup, repeats=repeats, throughput=tp, tick=tick)
     prof = with_measured_every(_check_accounting(prof))
+    if ac is not None:
+        prof = dataclasses.replace(prof, meta={**prof.meta, "autocast": str(ac)})
     return fsdp_profile(prof, model, world_size) if world_size else prof
+
+
+def _autocast(model: nn.Module, autocast: Any, device: str) -> Autocast | None:
+    """The step's autocast (:func:`remat.runtime.step.autocast_of`); not modelled on the meta device."""
+    param = next(iter(model.parameters()), None)
+    ac = autocast_of(autocast, param.device.type if param is not None else "cpu", "remat.profile")
+    if ac is not None and device == "meta":
+        raise RematError(
+            f"remat.profile: the step runs under autocast ({ac}), which the meta device does not run (its tensors"
+            " are cast by no autocast); profile on the device the model trains on, or give the model the dtype"
+            " it computes in (--dtype bfloat16 in the CLI)"
+        )
+    return ac
 
 
 def _checked(model: nn.Module, *, device: str | None, sizes: str, repeats: int,
@@ -300,8 +331,8 @@ def _checked(model: nn.Module, *, device: str | None, sizes: str, repeats: int,
 
 
 def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack, *,
-           loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None, device: str,
-           sizes: str) -> tuple[Callable[[Sequence[str] | None], _Step] | None, _Fake | None]:
+           loss_fn: Callable[[Any], torch.Tensor] | None, autocast: Autocast | None, stages: Sequence[str] | None,
+           device: str, sizes: str) -> tuple[Callable[[Sequence[str] | None], _Step] | None, _Fake | None]:
     """How to make the step on the device, given its stages (None on meta), and the fake copy (None when
     sizes are measured); the model is left as profiling found it when ``stack`` closes."""
     args, kwargs = as_call(example_inputs)
@@ -311,8 +342,8 @@ def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack, *
     if device != "meta":
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         stack.enter_context(preserved(model, cuda=device.startswith("cuda")))
-        real = functools.partial(_Step.of, model, args, kwargs, loss_fn)
-    fake = _Fake.of(model, args, kwargs, device) if device == "meta" or sizes != "measured" else None
+        real = functools.partial(_Step.of, model, args, kwargs, loss_fn, autocast)
+    fake = _Fake.of(model, args, kwargs, device, autocast) if device == "meta" or sizes != "measured" else None
     return real, fake
 
 
@@ -382,30 +413,32 @@ class _Step:
     names: list[str]
     blocks: list[nn.Module]
     how: str
+    autocast: Autocast | None = None
     real: bool = True  # False on a fake copy: nothing is allocated, so nothing to hand back between runs
 
     @classmethod
     def of(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-           loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None) -> _Step:
+           loss_fn: Callable[[Any], torch.Tensor] | None, autocast: Autocast | None,
+           stages: Sequence[str] | None) -> _Step:
         pairs, how = find_stages(model, stages, inputs=(args, kwargs))
-        return cls(model, args, kwargs, loss_function(loss_fn), [n for n, _ in pairs], [m for _, m in pairs], how)
+        return cls(model, args, kwargs, loss_function(loss_fn), [n for n, _ in pairs], [m for _, m in pairs], how,
+                   autocast)
+
+    def step(self) -> Step:
+        return Step(self.model, self.args, self.kwargs, self.get_loss, self.autocast)
 
     def train(self, tl: Timeline) -> None:
         # The output is held through backward, as in `out = model(x); loss_fn(out).backward()`: the
         # logits of a language model stay live, so the plan holds for loops that keep them.
+        step = self.step()
         tl.mark("start")
-        out = self.model(*self.args, **self.kwargs)
-        loss = self.get_loss(out)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ProfileError(f"remat.profile: the loss must be a scalar tensor, got {got}; pass loss_fn= that"
-                               " reduces the model's output to one number (e.g. lambda out: out.mean())")
-        loss.backward()
+        out, loss = step.forward()
+        step.backward(loss)
         tl.mark("end")
         del out, loss
 
     def nograd(self, tl: Timeline) -> None:
-        with torch.no_grad():
+        with self.step().nograd_context():
             tl.mark("start")
             self.model(*self.args, **self.kwargs)
             tl.mark("end")
@@ -517,7 +550,8 @@ def _sized(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _Fak
         flash = device == "meta" or device.startswith("cuda")
         try:
             with fake.running(flash):
-                step = dataclasses.replace(_Step.of(fake.model, fake.args, fake.kwargs, loss_fn, stages), real=False)
+                step = dataclasses.replace(_Step.of(fake.model, fake.args, fake.kwargs, loss_fn, fake.autocast, stages),
+                                           real=False)
                 step.run("full")  # steady state: gradients allocated, lazy buffers made
                 full = step.tracked("full", estimate)
                 tick("sizes, recording (fake)")

@@ -32,6 +32,14 @@ Rule 8. A :class:`remat.planning.plan.Selective` item is a one-block region whos
     backward, and a policy's cache would stay alive, unused, until the first pass's graph is freed
     (the enclosing checkpoint needs the same nesting in its first pass and in its recomputation).
 
+Rule 9. Autocast's cache of cast weights is off while a planned model's recording forward runs (the
+    root's hooks switch it off and back), and the checkpoints, which record the flag when a region is
+    entered, keep it off in recomputation. With the cache on, a cast copy that no op saves (a linear's
+    bias) would stay alive until the caller's autocast block exits: in a region's first pass, although
+    the region keeps nothing for backward, and in a recorded block, past the forward, though nothing
+    reads it. Without it, every cast copy lives exactly as long as the ops that saved it, which is what
+    the profile measured (:class:`remat.runtime.step.Step` runs the step the same way) and the plan counts.
+
 Note: [torch.compile] The hooks are hidden from dynamo. Compiled blocks run the same graph in the first
 pass and in recomputation. A whole compiled model traces the model's loop into graphs that a
 recomputation (which calls the blocks one by one) does not run again; checkpoint's metadata check then
@@ -181,6 +189,7 @@ class Runner:
         self.items = tuple(items)
         self.names = tuple(names)
         self.suspended = False
+        self.cache_was: bool | None = None  # autocast's cache flag while the root forward runs (Rule 9)
         self.previous: Runner | None = None
         self.frames: list[_Frame] = []
         self.norms = {k: _norms(mod) for k, mod in blocks.items()}
@@ -256,8 +265,17 @@ class Runner:
                                                                  lambda t: t)
             top.guard.__enter__()
 
+    def before_model(self) -> None:
+        self.reset()  # a forward that raised midway left nothing behind
+        if self.active:  # Rule 9
+            self.cache_was = torch.is_autocast_cache_enabled()
+            torch.set_autocast_cache_enabled(False)
+
     def after_model(self) -> None:
-        """Root forward returned (or raised): no region may stay open (Rule 6)."""
+        """Root forward returned (or raised): no region may stay open (Rule 6); autocast's cache back (Rule 9)."""
+        if self.cache_was is not None:
+            torch.set_autocast_cache_enabled(self.cache_was)
+            self.cache_was = None
         open_frames = [f for f in self.frames if f.first_pass]
         if not open_frames:
             return
@@ -440,7 +458,7 @@ class _RootPre:
 
     @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.runner.reset()  # a forward that raised midway left nothing behind
+        self.runner.before_model()
 
 
 class _RootPost:
