@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of torch 2.13.0; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/compare.py
 	$(PY) benchmarks/peers.py
+
+# Rewrites the command-line output blocks of README.md from the real commands (a test fails when one is stale).
+readme: $(STAMP)
+	$(PY) benchmarks/readme.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
