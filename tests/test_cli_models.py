@@ -107,7 +107,7 @@ def no_profiling(monkeypatch):
 def test_plan_a_function_in_a_file_given_batch_seq_and_dtype(capsys, models_py):
     assert cli.main(["plan", f"{models_py}:build", "--batch", "2", "--seq", "8", "--dtype", "bfloat16", *PLAN]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{models_py}:build: Sequential, 0.0M parameters; inputs 2x8x32 bfloat16; parameters"
+    assert out.startswith(f"{models_py}:build: Sequential, 33,408 parameters; inputs 2x8x32 bfloat16; parameters"
                           " bfloat16; profiled on cpu")
     assert "predicted peak" in out and "verdict: one training step fits" in out
 
@@ -231,6 +231,13 @@ def test_a_bad_config_is_one_line(capsys, tmp_path, no_profiling, config, messag
     path.write_text(config if isinstance(config, str) else json.dumps(config))
     err = refused(capsys, "plan", str(path), "--seq", "300", *PLAN)
     assert message.format(path=path) in err
+
+
+def test_a_saved_profile_given_as_the_model_says_to_use_profile(capsys, tmp_path, no_profiling):
+    saved = tmp_path / "p.json"
+    saved.write_text(remat.Profile.from_lists([1, 1], [1, 0], [1.0, 1.0], [1.0, 1.0]).to_json())
+    err = refused(capsys, "plan", str(saved), "--budget", "1GiB")
+    assert f"{saved}: a profile saved by `remat profile`, not a model; plan it with --profile {saved}" in err
 
 
 def test_a_directory_without_config_is_one_line(capsys, tmp_path, no_profiling):

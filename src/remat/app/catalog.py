@@ -222,6 +222,8 @@ def config_spec(path: str) -> ModelSpec:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RematError(f"{path}: not JSON ({e}); expected a transformers config.json (as"
                          " PretrainedConfig.save_pretrained writes it)") from e
+    if isinstance(data, dict) and str(data.get("format")).startswith("remat.Profile"):
+        raise RematError(f"{path}: a profile saved by `remat profile`, not a model; plan it with --profile {path}")
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise RematError(f"{path}: no 'model_type', not a transformers config; expected a config.json as"
                          " PretrainedConfig.save_pretrained writes it")

@@ -156,7 +156,8 @@ class UserModel:
             shapes = f"{_describe_inputs(inputs)}; parameters {_dtype_of(model)}"
         model.train()
         n = sum(p.numel() for p in model.parameters())
-        return Built(self.text, model, inputs, loss_fn, f"{type(model).__name__}, {n / 1e6:,.1f}M parameters", shapes)
+        size = f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
+        return Built(self.text, model, inputs, loss_fn, f"{type(model).__name__}, {size} parameters", shapes)
 
 
 def user_model(text: str, *, batch: int, seq: int, dtype: str) -> UserModel:
