@@ -15,6 +15,7 @@ from torch import nn
 import remat
 from remat import RematError, VerificationError, simulate, solve
 from remat.runtime.auto import _verify
+from remat.runtime.step import Step
 
 from .models import mlp
 
@@ -123,7 +124,7 @@ def test_verify_catches_a_step_over_its_budget_and_removes_the_plan():
     remat.auto(model, x, budget="80%", repeats=1)  # verify=True by default, and it passes
     plan = remat.plan_of(model)
     with pytest.raises(VerificationError, match="over the budget"):
-        _verify(model, x, None, dataclasses.replace(plan, budget_bytes=1000), None, grads=False)
+        _verify(Step.of(model, x), dataclasses.replace(plan, budget_bytes=1000), None, grads=False)
     assert not remat.runtime.executor.is_applied(model)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from remat.planning.plan import Plan
 from remat.runtime.executor import apply, remove
 from remat.runtime.measure import measure, reset_grads
-from remat.runtime.model import as_call, loss_function, tensors_in
+from remat.runtime.step import Step
 
 __all__ = ["Result", "Variant", "check_variant", "median_s", "plan_variant", "run_variants", "time_variants"]
 
@@ -60,18 +60,16 @@ def plan_variant(model: nn.Module, plan: Plan, label: str | None = None) -> Vari
 
 
 class _Step:
-    """The default training step of ``model`` on ``example_inputs``, and its gradient-bearing parameters."""
+    """The training step of ``model`` on ``example_inputs`` (:class:`remat.runtime.step.Step`: the output held
+    through backward), and its gradient-bearing parameters."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
-        self.model = model
-        self.args, self.kwargs = as_call(example_inputs)
-        self.get_loss = loss_function(loss_fn)
+        self.step = Step.of(model, example_inputs, loss_fn)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.inputs = tensors_in((self.args, self.kwargs))
+        self.inputs = self.step.inputs
 
     def __call__(self) -> None:
-        out = self.model(*self.args, **self.kwargs)
-        self.get_loss(out).backward()
+        self.step()
 
 
 def check_variant(model: nn.Module, example_inputs: Any, variant: Variant, *,

@@ -118,8 +118,8 @@ def _infeasible_message(profile: Profile, budget: int, minimum: int, strategy: s
         least = f", {math.ceil(100 * minimum / none)}% of the peak without checkpointing ({format_bytes(none)})"
         return (
             f"remat.solve: budget {format_bytes(budget)} is below the smallest feasible peak"
-            f" {format_bytes(minimum)}{least if none > 0 else ''} for this chain of {n} stages (fixed memory"
-            f" {format_bytes(profile.fixed_bytes)}). Raise the budget or lower the batch size.{few}"
+            f" {format_bytes(minimum)} ({minimum:,} B){least if none > 0 else ''} for this chain of {n} stages"
+            f" (fixed memory {format_bytes(profile.fixed_bytes)}). Raise the budget or lower the batch size.{few}"
         )
     return (
         f"remat.solve: strategy '{strategy}' needs {format_bytes(needed)}, above the budget"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.errors import RematError, VerificationError
+from remat.errors import InfeasibleBudgetError, RematError, VerificationError
 from remat.planning.budget import Budget, absolute_bytes
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile
@@ -97,7 +97,9 @@ def auto(
             prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
                              repeats=repeats, sizes=sizes, progress=progress, throughput=throughput,
                              autocast=ac or False)
-            plan = _solved(prof, budget, strategy, options)
+            plan = _solved_or_named(prof, budget, strategy, options, lambda: _profiled(
+                model, example_inputs, 0, optimizer, False, loss_fn=loss_fn, stages=stages, repeats=1, sizes="fake",
+                progress=False, throughput=None, autocast=ac or False))
         apply(model, plan)
         _log_summary(prof, plan)
         if verify:
@@ -126,6 +128,29 @@ def _solved(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return plan_for_job(prof, budget, strategy=strategy, **options)
     return solve(prof, budget, strategy=strategy, **options)
+
+
+def _solved_or_named(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any],
+                     fake: Callable[[], Profile]) -> Plan:
+    """The plan; an infeasible budget names a least feasible peak that plans when given back in bytes.
+
+    Note: [A least that holds] A share budget is sized on the measured step; a byte budget below the plain
+    peak is sized on a fake copy (Note [Memory-safe profiling]), which may keep a little more (code that
+    checks a mask's values on the device takes its tracing path on a fake copy and builds the mask). The
+    least peak named for a share budget is the larger of the two, so it plans when given back as bytes."""
+    try:
+        return _solved(prof, budget, strategy, options)
+    except InfeasibleBudgetError as e:
+        if prof.meta.get("sizes") != "measured" or prof.device == "meta" or e.min_feasible_bytes is None:
+            raise
+        try:
+            _solved(fake(), e.budget_bytes, strategy, options)
+        except InfeasibleBudgetError as by_fake:
+            if (by_fake.min_feasible_bytes or 0) > e.min_feasible_bytes:
+                raise by_fake from None
+        except RematError:  # the fake copy cannot run the step: byte budgets measure it as share budgets do
+            pass
+        raise
 
 
 def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: torch.optim.Optimizer | Spec | None,

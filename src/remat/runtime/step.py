@@ -60,8 +60,8 @@ class Autocast:
     @staticmethod
     def current(device_type: str) -> Autocast | None:
         """The autocast open for ``device_type`` now (the caller's ``with torch.autocast(...)`` block)."""
-        if not torch.is_autocast_enabled(device_type):
-            return None
+        if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+            return None  # the meta device has no autocast
         return Autocast(device_type, torch.get_autocast_dtype(device_type))
 
 
