@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from remat.runtime.ops import add_options
 from remat.runtime.optimizer import Spec, optimizer_state_bytes
 from remat.runtime.profiler import preserved, profile
 from remat.runtime.regions import suspended
-from remat.runtime.step import Step, autocast_of, training
+from remat.runtime.step import Autocast, Step, autocast_for, training
 from remat.runtime.timeline import Throughput
 from remat.units import format_bytes
 
@@ -55,9 +56,8 @@ def auto(
     and check the planned step once.
 
     Args:
-        model: a transformers model works as is (with labels in the inputs). The step is planned and
-            checked in training mode, as it trains: a model in evaluation mode (as ``from_pretrained``
-            leaves it) is switched to training mode while planned and switched back.
+        model: a transformers model works as is (with labels in the inputs). Planned and checked in
+            training mode, as it trains; a model in evaluation mode is switched back after.
         example_inputs: a batch of the shape you will train on: a tensor, a tuple, or a dict of kwargs.
         budget: peak bytes of the step: ``"6GiB"``, an int, or a share of the no-checkpointing peak.
         loss_fn: ``loss_fn(output) -> scalar`` when the model does not return its loss.
@@ -67,44 +67,51 @@ def auto(
         strategy: ``"auto"`` (optimal), or any name of :func:`remat.strategies`.
         stages, repeats, throughput, sizes: see :func:`remat.profile` (``repeats=0`` and a ``throughput``:
             estimated times); no profiling run exceeds the budget or the device's free memory.
-        verify: True (default): run the planned step once under :func:`remat.measure`; raise
-            :class:`remat.VerificationError` if its peak, optimizer state included, exceeds the budget.
-            ``"grads"``: also compare loss and gradients bit for bit with the plain model (same batch and
-            seed; this runs the step without checkpointing once). False: no check.
+        verify: True (default): run the planned step once (:func:`remat.measure`), the output held through
+            backward; :class:`remat.VerificationError` if its peak, optimizer state included, exceeds the
+            budget. ``"grads"``: also compare loss and gradients bit for bit with the plain model's.
         progress: a progress bar while profiling; None: when stderr is a terminal.
         block_options: also give the planner selective options inside blocks (:func:`remat.add_options`).
-        autocast: the dtype the step's forward runs in under ``torch.autocast`` (``torch.bfloat16``);
-            default: the autocast block open when ``auto`` is called, if any; False: none. The planned
-            model then refuses recording calls under another autocast (:class:`remat.PlanMismatchError`).
+        autocast: the forward's dtype under ``torch.autocast`` (``torch.bfloat16``); default: the block
+            open now, if any; False: none. A call under another autocast is refused when planned.
 
     Returns:
-        The same model, planned in place (:func:`remat.remove` undoes it; :func:`remat.plan_of` gives
-        the plan).
+        The same model, planned in place (:func:`remat.remove` undoes it; :func:`remat.plan_of`: the plan).
 
     Raises:
         InfeasibleBudgetError: the budget is below the smallest feasible peak (the message says it).
         VerificationError: the planned step failed its check; the plan is removed.
 
-    Hugging Face's own gradient checkpointing is switched off first (remat's plan replaces it), and
-    ``use_cache`` is False while planned (restored by :func:`remat.remove`).
+    Hugging Face models: as :func:`remat.apply` (their own checkpointing off, ``use_cache`` False).
     """
-    if verify not in (True, False, "grads"):
-        raise RematError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
-    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    ac = autocast_of(autocast, param.device.type if param is not None else "cpu", "remat.auto")
-    with training(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
-        with _checkpointing_back_on_failure(model):
-            prof = _profiled(model, example_inputs, budget, optimizer, block_options, loss_fn=loss_fn, stages=stages,
-                             repeats=repeats, sizes=sizes, progress=progress, throughput=throughput,
-                             autocast=ac or False)
-            plan = _solved_or_named(prof, budget, strategy, options, lambda: _profiled(
-                model, example_inputs, 0, optimizer, False, loss_fn=loss_fn, stages=stages, repeats=1, sizes="fake",
-                progress=False, throughput=None, autocast=ac or False))
-        apply(model, plan)
-        _log_summary(prof, plan)
+    ac = _checked(model, verify, autocast)
+    with training(model):
+        plan = _applied(model, functools.partial(_profiled, model, example_inputs, optimizer=optimizer, loss_fn=loss_fn,
+                                                 stages=stages, throughput=throughput, autocast=ac or False),
+                        budget, strategy, options, block_options=block_options, repeats=repeats, sizes=sizes,
+                        progress=progress)
         if verify:
             _verify(Step.of(model, example_inputs, loss_fn, ac), plan, optimizer, grads=verify == "grads")
     return model
+
+
+def _checked(model: nn.Module, verify: bool | str, autocast: Any) -> Autocast | None:
+    """``auto``'s arguments checked; the step's autocast."""
+    if verify not in (True, False, "grads"):
+        raise RematError(f"remat.auto: verify={verify!r}; use True, False or 'grads'")
+    return autocast_for(model, autocast, "remat.auto")
+
+
+def _applied(model: nn.Module, profiled: Callable[..., Profile], budget: Budget, strategy: str,
+             options: dict[str, Any], **kwargs: Any) -> Plan:
+    """Profile, solve and apply; the plan."""
+    with _checkpointing_back_on_failure(model):
+        prof = profiled(budget, **kwargs)
+        plan = _solved_or_named(prof, budget, strategy, options, lambda: profiled(
+            0, block_options=False, repeats=1, sizes="fake", progress=False))
+    apply(model, plan)
+    _log_summary(prof, plan)
+    return plan
 
 
 @contextlib.contextmanager
@@ -153,8 +160,8 @@ def _solved_or_named(prof: Profile, budget: Budget, strategy: str, options: dict
         raise
 
 
-def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, optimizer: torch.optim.Optimizer | Spec | None,
-              block_options: bool, **kwargs: Any) -> Profile:
+def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, *,
+              optimizer: torch.optim.Optimizer | Spec | None, block_options: bool, **kwargs: Any) -> Profile:
     """The profile, with the optimizer's state in its fixed memory (and block options if asked); no
     profiling run above the budget."""
     state = optimizer_state_bytes(model, optimizer) if optimizer is not None else 0

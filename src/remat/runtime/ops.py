@@ -73,7 +73,7 @@ from remat.runtime.measure import MemoryTracker
 from remat.runtime.model import as_call, carry_of, find_stages, split_carry, tensors_in
 from remat.runtime.policy import SavePolicy, selective_contexts
 from remat.runtime.regions import suspended
-from remat.runtime.step import autocast_of, training
+from remat.runtime.step import autocast_for, training
 
 log = logging.getLogger("remat")
 
@@ -620,8 +620,7 @@ def add_options(prof: Profile, model: nn.Module, example_inputs: Any, *, stages:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"remat.add_options: repeats={repeats!r} must be a positive int (timed runs per figure)")
     blocks, _ = find_stages(model, stages, inputs=as_call(example_inputs))
-    param = next(iter(model.parameters()), None)
-    ac = autocast_of(autocast, param.device.type if param is not None else "cpu", "remat.add_options")
+    ac = autocast_for(model, autocast, "remat.add_options")
     with suspended(model), hf.cache_off(model), _Untouched([model]), training(model), \
             ac.forward() if ac is not None else contextlib.nullcontext():
         calls = _capture(model, example_inputs, blocks)

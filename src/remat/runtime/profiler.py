@@ -51,7 +51,7 @@ from remat.runtime.model import (
     tensors_in,
 )
 from remat.runtime.regions import Runner, recompute_copy_bytes, suspended
-from remat.runtime.step import Autocast, Step, autocast_of, training
+from remat.runtime.step import Autocast, Step, autocast_for, training
 from remat.runtime.timeline import THROUGHPUTS, Key, Run, Throughput, Timeline, Tracked
 
 log = logging.getLogger("remat")
@@ -78,7 +78,10 @@ class _Progress:
         self.bar.set_postfix_str(what, refresh=False)
         self.bar.update(1)
 
-    def close(self) -> None:
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
         self.bar.close()
 
 
@@ -235,39 +238,31 @@ def profile(
 ) -> Profile:
     """Profile one training step of ``model`` as a chain of stages.
 
-    Stages are found as (1) ``stages=[names]``, (2) the children of an ``nn.Sequential`` (nested ones
-    flattened), or (3) the blocks of the largest ``ModuleList`` of one block type (transformers). What
-    runs before the first block is the prologue stage, what runs after the last one — loss included —
-    the head stage; neither is checkpointed. Code between two blocks is a glue stage.
+    Stages are found as ``stages=[names]``, or by watching one forward (:func:`remat.runtime.model.find_stages`).
+    What runs before the first block is the prologue stage, what runs after the last one (the loss
+    included) the head stage; code between two blocks is a glue stage. None of them is checkpointed.
 
     Args:
-        model: in training mode (dropout active, as when training).
+        model: profiled in training mode whatever its mode, as it trains (Note [The step that runs]).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs
             (e.g. ``{"input_ids": ids, "labels": ids}`` for a transformers model).
         loss_fn: ``loss_fn(output) -> scalar``; by default ``output.loss`` (transformers with labels),
             a scalar output itself, or ``output.sum()``.
         stages: explicit submodule names, in execution order.
-        device: ``"meta"`` to profile without allocating (a fake copy of the model is made; times are
-            estimated); default: where the model is.
+        device: ``"meta"``: without allocating (a fake copy; times estimated); default: the model's.
         sizes: ``"auto"`` (default): measured on the device when the step without checkpointing fits in
             ``limit_bytes``, else from a fake copy; ``"measured"``: run the whole step on the device;
             ``"fake"``: never (see Note [Memory-safe profiling] in this module).
         limit_bytes: the most memory a profiling run may use on the device; default 90% of what it has
             free (:func:`remat.runtime.measure.available_bytes`).
-        warmup, repeats: untimed runs first, then timed runs (medians). ``repeats=0`` needs
-            ``throughput`` (times then estimated from FLOPs).
+        warmup, repeats: untimed runs, then timed runs (medians); ``repeats=0`` needs ``throughput``.
         throughput: for estimated times: a :class:`Throughput` or a name in :data:`THROUGHPUTS`
             (default ``"h100"`` on meta). Given on a real device, FLOPs are counted too.
         progress: a progress bar on stderr; None: when stderr is a terminal.
         world_size: plan one rank of FSDP2 over this many ranks (docs/distributed.md): the profile of
             the model before sharding, made per rank by :func:`remat.runtime.distributed.fsdp_profile`.
-        autocast: the step's forward runs under ``torch.autocast`` in this dtype (``torch.bfloat16``);
-            default: the autocast block open when this is called, if any; False: none. The cast copies
-            of the weights that autocast keeps are measured as the step makes them (Note [The step that
-            runs] in :mod:`remat.runtime.step`).
-
-    The step is profiled in training mode: a model in evaluation mode (as ``from_pretrained`` leaves it)
-    is switched to training mode for the profile and switched back after.
+        autocast: the forward's dtype under ``torch.autocast`` (``torch.bfloat16``); default: the block
+            open now, if any; False: none (Note [The step that runs] in :mod:`remat.runtime.step`).
 
     Returns:
         A :class:`remat.Profile`. ``meta["measured_peak_bytes"]`` is the exact peak of the profiled step
@@ -277,27 +272,19 @@ def profile(
         ProfileError: no chain can be found, or the stages do not run once each, in order.
     """
     tp, device = _checked(model, device=device, sizes=sizes, repeats=repeats, throughput=throughput)
-    ac = _autocast(model, autocast, device)
     with contextlib.ExitStack() as stack:
-        if stack.enter_context(training(model)):
-            log.info("remat.profile: %s is in evaluation mode; profiled in training mode, as it trains (its modes"
-                     " are restored after)", type(model).__name__)
-        real, fake = _steps(model, example_inputs, stack, loss_fn=loss_fn, autocast=ac, stages=stages, device=device,
-                            sizes=sizes)
-        tick = _Progress(progress, 3 + warmup + 3 * repeats)
-        stack.callback(tick.close)
+        real, fake = _steps(model, example_inputs, stack, loss_fn, _autocast(model, autocast, device), stages, device,
+                            sizes)
+        tick = stack.enter_context(_Progress(progress, 3 + warmup + 3 * repeats))
         prof = _profile(real, fake, loss_fn=loss_fn, stages=stages, device=device, sizes=sizes,
                         limit_bytes=limit_bytes, warmup=warmup, repeats=repeats, throughput=tp, tick=tick)
     prof = with_measured_every(_check_accounting(prof))
-    if ac is not None:
-        prof = dataclasses.replace(prof, meta={**prof.meta, "autocast": str(ac)})
     return fsdp_profile(prof, model, world_size) if world_size else prof
 
 
 def _autocast(model: nn.Module, autocast: Any, device: str) -> Autocast | None:
     """The step's autocast (:func:`remat.runtime.step.autocast_of`); not modelled on the meta device."""
-    param = next(iter(model.parameters()), None)
-    ac = autocast_of(autocast, param.device.type if param is not None else "cpu", "remat.profile")
+    ac = autocast_for(model, autocast, "remat.profile")
     if ac is not None and device == "meta":
         raise RematError(
             f"remat.profile: the step runs under autocast ({ac}), which the meta device does not run (its tensors"
@@ -330,11 +317,14 @@ def _checked(model: nn.Module, *, device: str | None, sizes: str, repeats: int,
     return tp, device
 
 
-def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack, *,
+def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack,
            loss_fn: Callable[[Any], torch.Tensor] | None, autocast: Autocast | None, stages: Sequence[str] | None,
            device: str, sizes: str) -> tuple[Callable[[Sequence[str] | None], _Step] | None, _Fake | None]:
     """How to make the step on the device, given its stages (None on meta), and the fake copy (None when
-    sizes are measured); the model is left as profiling found it when ``stack`` closes."""
+    sizes are measured), in training mode; the model is left as profiling found it when ``stack`` closes."""
+    if stack.enter_context(training(model)):
+        log.info("remat.profile: %s is in evaluation mode; profiled in training mode, as it trains (its modes are"
+                 " restored after)", type(model).__name__)
     args, kwargs = as_call(example_inputs)
     stack.enter_context(suspended(model))  # a planned model is profiled as the plain model
     stack.enter_context(hf.cache_off(model))  # as a plan runs it
@@ -530,7 +520,8 @@ def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _F
         device=device, repeats=0 if times.source == "estimated" else repeats,
         input_shapes=input_shapes(step.args, step.kwargs),
         meta={"model": type(step.model).__name__, "detected": step.how, "sizes": "measured" if step is real else "fake",
-              "params_numel": sum(p.numel() for p in params), "estimated_times": times.source == "estimated"},
+              "params_numel": sum(p.numel() for p in params), "estimated_times": times.source == "estimated",
+              **({"autocast": str(step.autocast)} if step.autocast is not None else {})},
     )
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from remat.errors import ProfileError, RematError
 from remat.runtime.model import as_call, loss_function, tensors_in
 
-__all__ = ["Autocast", "Step", "autocast_of", "training"]
+__all__ = ["Autocast", "Step", "autocast_for", "autocast_of", "training"]
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,17 @@ def autocast_of(autocast: Any, device_type: str, call: str) -> Autocast | None:
     return Autocast(device_type, dtype)
 
 
+def autocast_for(model: nn.Module, autocast: Any, call: str) -> Autocast | None:
+    """:func:`autocast_of` on the device of ``model``'s parameters."""
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return autocast_of(autocast, param.device.type if param is not None else "cpu", call)
+
+
 @contextlib.contextmanager
 def training(model: nn.Module) -> Iterator[bool]:
     """Training mode while inside, for a model whose root is in evaluation mode; each module's own mode
     is restored after (Note [The step that runs], Rule 1). Yields whether the mode was switched."""
-    if model.training:
+    if not isinstance(model, nn.Module) or model.training:
         yield False
         return
     modes = [(m, m.training) for m in model.modules()]
