@@ -65,19 +65,35 @@ def _named(entries: Sequence[Sequence[Any]]) -> dict[str, tuple[list[int], str]]
     return out
 
 
+def _scalar(shape: Sequence[int]) -> bool:
+    return all(d == 1 for d in shape)
+
+
 def describe_input_mismatch(actual: list[list[Any]], planned: list[list[Any]]) -> str:
     """``""`` when a call's inputs are the planned ones or smaller in every dimension (a shorter last
     batch, a shorter sequence: activations then take no more memory than planned); else what differs,
-    input by input: missing, extra, larger shape, other dtype."""
+    input by input: missing, extra, larger shape, other dtype.
+
+    One-element tensors are never a difference, planned or not (transformers' ``Trainer`` passes its
+    token count ``num_items_in_batch`` as a 0-d tensor): they hold no activations worth a byte count.
+
+    >>> describe_input_mismatch([["input_ids", [2, 32], "torch.int64"], ["num_items_in_batch", [], "torch.int64"]],
+    ...                         [["input_ids", [2, 32], "torch.int64"]])
+    ''
+    """
     if planned and len(planned[0]) == 2:  # a plan from before inputs were named: compare by position
         actual = [[f"input {i}", *e[1:]] for i, e in enumerate(actual)]
     have, want = _named(actual), _named(planned)
-    problems = [f"{n} is missing (planned {tuple(s)} {d})" for n, (s, d) in want.items() if n not in have]
-    problems += [f"{n} was not planned for ({tuple(s)} {d})" for n, (s, d) in have.items() if n not in want]
+    problems = [f"{n} is missing (planned {tuple(s)} {d})" for n, (s, d) in want.items()
+                if n not in have and not _scalar(s)]
+    problems += [f"{n} was not planned for ({tuple(s)} {d})" for n, (s, d) in have.items()
+                 if n not in want and not _scalar(s)]
     for n, (shape, dtype) in have.items():
         if n not in want:
             continue
         pshape, pdtype = want[n]
+        if _scalar(shape) and _scalar(pshape):
+            continue
         if dtype != pdtype:
             problems.append(f"{n} is {dtype}, planned {pdtype}")
         elif len(shape) != len(pshape) or any(a > b for a, b in zip(shape, pshape)):
@@ -142,6 +158,7 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None, *,
        [Watching one forward] in ``runtime/stages.py``);
     4. without inputs: the blocks of the largest ``ModuleList`` of one block type (``"blocks"``).
     """
+    _check_forward(model)
     if stages is not None:
         return _named_stages(model, stages), "explicit"
     if isinstance(model, nn.Sequential):
@@ -155,6 +172,25 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None, *,
     if inputs is not None:
         return discover(model, *inputs), "blocks"
     return _largest_module_list(model), "blocks"
+
+
+def _check_forward(model: nn.Module) -> None:
+    """A model whose ``forward`` is not its own (``nn.Module``'s, unimplemented, or a ``LightningModule``'s,
+    which only calls that one) is refused with the fix: remat plans a forward."""
+    owner = next((c for c in type(model).__mro__ if "forward" in vars(c)), nn.Module)
+    lightning = owner.__name__ == "LightningModule" and owner.__module__.split(".")[0] in ("lightning",
+                                                                                          "pytorch_lightning")
+    if lightning:
+        raise ProfileError(
+            f"remat.profile: {type(model).__name__} is a LightningModule without a forward of its own, and remat plans"
+            " a module's forward. Plan the model its training_step calls with the callback"
+            " remat.integrations.lightning.Remat(example_inputs, budget=...) in Trainer(callbacks=[...]), or"
+            f" remat.auto({type(model).__name__}.<inner model>, ...), or give {type(model).__name__} a forward"
+            " that training_step calls (docs/integrations.md)"
+        )
+    if owner is nn.Module:
+        raise ProfileError(f"remat.profile: {type(model).__name__} has no forward (nn.Module's is not implemented);"
+                           " remat plans a module's forward: pass the module whose forward runs the step")
 
 
 def _named_stages(model: nn.Module, stages: Sequence[str]) -> list[tuple[str, nn.Module]]:
