@@ -21,9 +21,11 @@ gives the module call tree and the data flow between calls. The chain of stages 
    A member with a single member of its own is replaced by that one's expansion, or by it when the
    call's own code does not touch the hidden state. A member that returns tensors besides its carry
    and is not replaced is no stage: its code is glue.
-3. The root is always expanded. The chain is then trimmed to the span from the first to the last member
-   of a repeated class written outside ``torch`` (else leading embeddings are dropped): embeddings
-   before the blocks and a classifier after them stay in the prologue and head.
+3. The root is always expanded, and so is a model that a wrapper hands the root's inputs to and whose
+   output it returns as it is (PEFT's ``PeftModel`` → ``LoraModel`` → the base model). The chain is then
+   trimmed to the span from the first to the last member of a repeated class written outside ``torch``
+   (else leading embeddings are dropped): embeddings before the blocks and a classifier after them stay
+   in the prologue and head.
 4. A stage whose output lives on after the next stage has returned (the encoder output that every
    decoder block reads, a tensor the model returns or keeps) is dropped: its code becomes glue, whose
    bytes the profile counts as live until its backward.
@@ -64,15 +66,21 @@ def carry_of(out: Any) -> Any:
 
 
 def split_carry(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """``(carry, key)``: the block's chained input and where it was passed (0 or a keyword name)."""
+    """``(carry, key)``: the block's chained input and where it was passed (0 or a keyword name).
+
+    Called by keyword only, it is the keyword of the forward's first parameter; for a pass-through
+    ``forward(*args, **kwargs)`` (PEFT's ``LoraModel``, which hands every keyword to the model it wraps),
+    the first tensor keyword, in the order of the call."""
     if args:
         return args[0], 0
     try:
-        first = next(iter(inspect.signature(module.forward).parameters))
+        first = next(iter(inspect.signature(module.forward).parameters.values()))
     except (StopIteration, ValueError, TypeError):
-        first = None
-    if first is not None and first in kwargs:
-        return kwargs[first], first
+        return None, None
+    if first.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        return next(((v, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)), (None, None))
+    if first.name in kwargs:
+        return kwargs[first.name], first.name
     return None, None
 
 
@@ -130,6 +138,18 @@ def _no_skip(value: Any) -> Any:
     return _DrawWithoutSkipping(0.0)
 
 
+def _attributes(owner: Any) -> list[tuple[str, Any]]:
+    """``(name, value)`` of an object's attributes: its ``__dict__`` and its slots (torchtitan's model
+    configs are ``@dataclass(slots=True)``: no ``__dict__``)."""
+    found = dict(getattr(owner, "__dict__", {}))
+    for cls in type(owner).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in [slots] if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in found and hasattr(owner, name):
+                found[name] = getattr(owner, name)
+    return list(found.items())
+
+
 @contextlib.contextmanager
 def layerdrop_draws_without_skipping(model: nn.Module) -> Iterator[None]:
     """While profiling: every LayerDrop probability (an attribute of a module or of its ``config`` whose
@@ -140,7 +160,7 @@ def layerdrop_draws_without_skipping(model: nn.Module) -> Iterator[None]:
     changed: list[tuple[Any, str, Any]] = []
     owners = {id(o): o for m in model.modules() for o in (m, getattr(m, "config", None)) if o is not None}
     for owner in owners.values():
-        for name, value in list(vars(owner).items()):
+        for name, value in _attributes(owner):
             if _is_layerdrop(name, value):
                 changed.append((owner, name, value))
     try:
@@ -414,8 +434,19 @@ class _Chain:
         return _Shape(tail_clean, handed, wrapper)
 
     def root(self) -> list[int]:
-        subs = [(m, self.expand(m)) for m in self.members(0, self.rec.root_inputs)]
+        index, start = 0, self.rec.root_inputs
+        members = self.members(index, start)
+        while len(members) == 1 and self._wraps(index, members[0]):
+            index = members[0]
+            members = self.members(index, start)
+        subs = [(m, self.expand(m)) for m in members]
         return [x for m, s in subs for x in (s if s is not None else self._stage(m))]
+
+    def _wraps(self, outer: int, inner: int) -> bool:
+        """Whether call ``outer`` hands the model's own inputs to call ``inner`` and returns its output as
+        it is (PEFT's ``PeftModel`` and ``LoraModel`` around the base model): then ``inner`` is the root."""
+        calls = self.rec.calls
+        return calls[inner].out == calls[outer].out and calls[inner].carry in self.rec.root_inputs
 
 
 def _stack(classes: Sequence[type], handed: Sequence[bool]) -> bool:
