@@ -3,6 +3,21 @@
 Both are switched off while a plan is applied — remat's plan replaces the model's checkpointing, and a
 cache would be written twice by recomputation — and restored by :func:`remat.remove`. This is the one
 place that knows about them.
+
+Note: [Planned transformers models]
+While a plan is applied, on every module of the model that has them (the model and its inner
+``PreTrainedModel`` stacks; a PEFT wrapper forwards to them):
+
+- ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` do nothing but log one line.
+  transformers' ``Trainer`` calls them in ``train()`` when ``TrainingArguments(gradient_checkpointing=True)``,
+  after ``remat.auto``: both schedules would run at once (every block recomputed on top of the plan's
+  recomputation: block 0's MLP ran 9 times in 3 steps instead of 6), slower and with a peak the plan never
+  predicted. The plan already fits the budget, so the request is met; ``remat.remove`` restores the methods.
+- ``save_pretrained`` writes the user's own ``use_cache`` into ``config.json``, not the ``False`` the plan
+  sets while planned (a checkpoint saved during training would otherwise load with the cache off).
+
+Both are instance attributes set over the class's methods (picklable objects, so a planned model still
+deep-copies and pickles), removed by :func:`restore`.
 """
 
 from __future__ import annotations
@@ -17,15 +32,67 @@ from torch import nn
 
 log = logging.getLogger("remat")
 
-__all__ = ["HFState", "cache_off", "checkpointing_active", "disable_checkpointing", "prepare", "restore"]
+__all__ = ["HFState", "cache_off", "checkpointing_active", "disable_checkpointing", "prepare", "restore", "users_cache"]
+
+_SAVE = "save_pretrained"
+
+#: The methods that enable transformers' own checkpointing (the second is the name from transformers 5.x on).
+ENABLE = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
 
 
 @dataclass
 class HFState:
     """What :func:`prepare` changed, for :func:`restore`: each config whose ``use_cache`` it switched off,
-    with its value."""
+    with its value; each ``(module, method name, its own attribute or None)`` it set over a method (Note
+    [Planned transformers models])."""
 
     use_cache: list[tuple[Any, Any]] = field(default_factory=list)
+    methods: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
+
+
+class _CheckpointingDeclined:
+    """A planned model's ``gradient_checkpointing_enable``: remat's plan is the model's checkpointing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        log.warning("remat: %s() ignored: this model runs a remat plan, which already checkpoints it within its"
+                    " budget (both at once would recompute twice); remat.remove(model) restores it", self.name)
+
+
+class _SaveWithOwnCache:
+    """A planned model's ``save_pretrained``: the configs' ``use_cache`` as the user set them while saving."""
+
+    def __init__(self, module: nn.Module, state: HFState, own: Any) -> None:
+        self.module, self.state, self.own = module, state, own
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        save = self.own if self.own is not None else getattr(type(self.module), _SAVE).__get__(self.module)
+        planned = [(config, config.use_cache) for config, _ in self.state.use_cache]
+        try:
+            for config, value in self.state.use_cache:
+                config.use_cache = value
+            return save(*args, **kwargs)
+        finally:
+            for config, value in planned:
+                config.use_cache = value
+
+
+def _set_over(state: HFState, module: nn.Module, name: str, value: Any) -> None:
+    state.methods.append((module, name, module.__dict__.get(name)))
+    module.__dict__[name] = value
+
+
+def _guard_methods(model: nn.Module, state: HFState) -> None:
+    """Note [Planned transformers models]."""
+    for m in model.modules():
+        cls = type(m)
+        for name in ENABLE:
+            if callable(getattr(cls, name, None)):
+                _set_over(state, m, name, _CheckpointingDeclined(name))
+        if state.use_cache and callable(getattr(cls, _SAVE, None)):
+            _set_over(state, m, _SAVE, _SaveWithOwnCache(m, state, m.__dict__.get(_SAVE)))
 
 
 def checkpointing_active(model: nn.Module) -> bool:
@@ -52,9 +119,12 @@ def disable_checkpointing(model: nn.Module, caller: str) -> None:
 
 
 def prepare(model: nn.Module, caller: str) -> HFState:
-    """Switch off the model's own checkpointing and its cache; returns what to restore."""
+    """Switch off the model's own checkpointing and its cache, and keep them off while planned (Note
+    [Planned transformers models]); returns what to restore."""
     disable_checkpointing(model, caller)
-    return _switch_cache_off(model)
+    state = _switch_cache_off(model)
+    _guard_methods(model, state)
+    return state
 
 
 def _switch_cache_off(model: nn.Module) -> HFState:
@@ -90,3 +160,23 @@ def cache_off(model: nn.Module) -> Iterator[None]:
 def restore(model: nn.Module, state: HFState) -> None:
     for config, value in state.use_cache:
         config.use_cache = value
+    for module, name, own in reversed(state.methods):
+        if own is None:
+            module.__dict__.pop(name, None)
+        else:
+            module.__dict__[name] = own
+    state.methods.clear()
+
+
+@contextlib.contextmanager
+def users_cache(state: HFState) -> Iterator[bool]:
+    """The configs' ``use_cache`` as the user set them while inside (a planned model keeps it off); yields
+    whether any differs from the planned value."""
+    planned = [(config, config.use_cache) for config, _ in state.use_cache]
+    try:
+        for config, value in state.use_cache:
+            config.use_cache = value
+        yield any(value != was for (_, value), (_, was) in zip(state.use_cache, planned))
+    finally:
+        for config, value in planned:
+            config.use_cache = value
