@@ -498,8 +498,9 @@ class _TrackedRun:
     """
 
     def __init__(self, model: torch.nn.Module | None, inputs: list[torch.Tensor], optimizer: Any) -> None:
-        from remat.runtime.optimizer import optimizer_state_bytes, state_tensors
+        from remat.runtime.optimizer import optimizer_state_bytes, state_tensors, unwrap_optimizer
 
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's, Lightning's wrapper: the torch optimizer in it
         self.tracker = tracker = MemoryTracker()
         self.model = model
         self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None

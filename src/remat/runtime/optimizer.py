@@ -29,7 +29,7 @@ from remat.errors import RematError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OPTIMIZERS", "optimizer_state_bytes", "state_tensors"]
+__all__ = ["OPTIMIZERS", "optimizer_state_bytes", "state_tensors", "unwrap_optimizer"]
 
 #: The optimizers a string can name, each with torch's default options.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
@@ -92,6 +92,27 @@ def _kind_of(optimizer: torch.optim.Optimizer) -> str | None:
     if isinstance(optimizer, torch.optim.SGD):
         return "sgd"
     return None
+
+
+#: Where wrappers keep the optimizer they wrap: accelerate's ``AcceleratedOptimizer`` (``.optimizer``),
+#: Lightning's ``LightningOptimizer`` (``._optimizer``).
+_WRAPPED = ("optimizer", "_optimizer")
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer a wrapper holds (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``), through any number of wrappers; anything else (a name, None) as it is."""
+    import torch
+
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if isinstance(optimizer, torch.optim.Optimizer) and _kind_of(optimizer) is not None:
+            break
+        inner = next((w for w in (getattr(optimizer, n, None) for n in _WRAPPED)
+                      if isinstance(w, torch.optim.Optimizer)), None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -175,6 +196,7 @@ def optimizer_state_bytes(params_or_model: Any, spec: Spec, *, device: Any = Non
 def _instance_state_bytes(params_or_model: Any, optimizer: Any, dev: str | None, missing_only: bool) -> int:
     import torch
 
+    optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise RematError(f"remat.optimizer_state_bytes: expected a torch.optim.Optimizer or a name in"
                          f" {', '.join(OPTIMIZERS)}, got {type(optimizer).__name__}")
