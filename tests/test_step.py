@@ -146,3 +146,48 @@ def test_the_least_feasible_peak_named_for_a_share_budget_plans_when_given_back_
     assert remat.plan_of(model).prediction.peak_bytes <= least
     with pytest.raises(remat.InfeasibleBudgetError):
         remat.auto(model, inputs, budget=least - 1, verify=False)
+
+
+def test_verify_grads_says_when_the_difference_is_transformers_cache_and_not_recomputation(caplog):
+    """A Mamba2 whose config keeps its cache on: 32 gradients of the plain model differ from the planned one's by up
+    to 7.5e-8 (transformers runs another path with the cache on; remat, like transformers' own checkpointing, trains
+    without it), yet the check said 'equal'. It now compares with both and says which difference is which."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(hidden_size=64, num_hidden_layers=4, vocab_size=256, num_heads=8, head_dim=16,
+                                    state_size=16, n_groups=1, expand=2, chunk_size=16)
+    model = transformers.Mamba2ForCausalLM(cfg).train()
+    ids = torch.randint(0, 256, (2, 32))
+    with caplog.at_level(logging.INFO, logger="remat"):
+        remat.auto(model, {"input_ids": ids, "labels": ids}, budget="60%", verify="grads")
+    assert re.search(r"bitwise equal to the plain model's", caplog.text)
+    assert re.search(r"use_cache=True, the plain step's loss .* and \d+ of \d+ gradients .* at most [0-9.e-]+ apart",
+                     caplog.text), caplog.text
+
+
+class Drifting(nn.Module):
+    """Its result depends on how often it was called: a recomputation is not the first pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(6))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_verify_grads_names_how_far_apart_gradients_are_when_recomputation_is_not_bit_exact():
+    model = Drifting()
+    calls = [0]
+
+    def drift(module, args, out):
+        calls[0] += 1
+        return out * (1 + 1e-6 * calls[0])
+
+    for b in model.blocks:
+        b.register_forward_hook(drift)
+    with pytest.raises(remat.VerificationError, match=r"of \d+ gradients .* at most [0-9.e-]+ apart.*not bit-exact"):
+        remat.auto(model, torch.randn(256, 8), budget="80%", repeats=1, verify="grads")

@@ -19,7 +19,7 @@ from remat.planning.simulate import simulate
 from remat.planning.solve import solve
 from remat.runtime import hf
 from remat.runtime.distributed import plan_for_job
-from remat.runtime.executor import apply, remove
+from remat.runtime.executor import applied_state, apply, remove
 from remat.runtime.measure import measure
 from remat.runtime.ops import add_options
 from remat.runtime.optimizer import Spec, optimizer_state_bytes
@@ -208,25 +208,60 @@ def _verify(step: Step, plan: Plan, optimizer: torch.optim.Optimizer | Spec | No
 
 
 def _compare_gradients(model: nn.Module, step: Step, cuda: bool) -> None:
-    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        for p in model.parameters():
-            p.grad = None
-        torch.manual_seed(0)
-        loss = step()
-        return loss, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-
+    """Note: [Comparing gradients] The planned step against the plain model on the same batch and seed: the
+    plan removed (suspended), and, like the plan, with transformers' cache off. Where the model's own config
+    has its cache on, the plain step is also run as the user has it, and a difference there is reported as
+    what it is: transformers takes another code path with the cache on (its own checkpointing turns the cache
+    off too), not recomputation. A difference from the cache-off plain step is recomputation that is not
+    bit-exact: refused, naming the parameters and by how much."""
+    state = applied_state(model)
     with preserved(model, cuda):
-        planned_loss, planned = run()
+        planned = _seeded_grads(model, step)
         with suspended(model, layerdrop=False):  # LayerDrop skips as in the planned run
-            plain_loss, plain = run()
-    diffs = [n for n, g in plain.items() if not _same(g, planned[n])]
-    if diffs or not torch.equal(plain_loss, planned_loss):
+            plain = _seeded_grads(model, step)
+            with hf.users_cache(state.hf_state) if state is not None else contextlib.nullcontext(False) as other:
+                as_user = _seeded_grads(model, step) if other else None
+    what = _difference(planned, plain)
+    if what:
         remove(model)
         raise VerificationError(
-            f"remat.auto: the planned step's {'gradients of ' + ', '.join(diffs[:3]) if diffs else 'loss'} differ"
-            f" from the plain model's ({len(diffs)} parameters differ; loss {planned_loss.item():.6g} vs"
-            f" {plain_loss.item():.6g}); the plan was removed. Please report the model to remat"
+            f"remat.auto: the planned step's {what} from the plain model's: recomputing the blocks is not bit-exact"
+            " for this model; the plan was removed. Train without verify='grads' if a difference of this size is"
+            " acceptable (transformers' own checkpointing recomputes the same way), or report the model to remat"
         )
+    log.info("remat.auto: checked: loss and %d gradients bitwise equal to the plain model's", len(plain[1]))
+    if as_user is not None and _difference(planned, as_user):
+        log.warning(
+            "remat.auto: with the model's own use_cache=True, the plain step's %s from the planned one's; without"
+            " the cache (as remat and transformers' own checkpointing train it) they are bitwise equal: transformers"
+            " computes another way when its cache is on", _difference(planned, as_user).replace("differ", "differs"))
+
+
+Grads = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
+
+
+def _seeded_grads(model: nn.Module, step: Step) -> Grads:
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(0)
+    loss = step()
+    return loss, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _difference(a: Grads, b: Grads) -> str:
+    """How two runs' loss and gradients differ, in words (empty when bitwise equal)."""
+    (la, ga), (lb, gb) = a, b
+    diffs = [n for n, g in gb.items() if not _same(g, ga[n])]
+    if not diffs and torch.equal(la, lb):
+        return ""
+    worst = (float("nan"), "a gradient present in one run only")
+    for n in diffs:
+        x, y = ga[n], gb[n]
+        if x is not None and y is not None and not (worst[0] >= (gap := (x - y).abs().max().item())):
+            worst = (gap, n)
+    return (f"loss ({la.item():.9g} vs {lb.item():.9g}) and {len(diffs)} of {len(gb)} gradients"
+            f" ({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''}; at most {worst[0]:.3g} apart, in"
+            f" {worst[1]}) differ" if diffs else f"loss differs ({la.item():.9g} vs {lb.item():.9g}), gradients not")
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

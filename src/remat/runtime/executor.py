@@ -24,7 +24,7 @@ from remat.runtime.model import describe_input_mismatch, inner_name, input_shape
 from remat.runtime.regions import Runner
 from remat.runtime.step import Autocast
 
-__all__ = ["apply", "is_applied", "plan_of", "remove"]
+__all__ = ["applied_state", "apply", "is_applied", "plan_of", "remove"]
 
 _STATE = "_remat_state"
 
@@ -80,6 +80,11 @@ def _check_autocast(module: nn.Module, plan: Plan) -> None:
 def _state(model: nn.Module) -> _Applied | None:
     state = unwrap(model).__dict__.get(_STATE)
     return state if isinstance(state, _Applied) else None
+
+
+def applied_state(model: nn.Module) -> _Applied | None:
+    """What :func:`apply` installed on ``model`` (None if no plan is applied)."""
+    return _state(model)
 
 
 def plan_of(model: nn.Module) -> Plan:
