@@ -134,6 +134,8 @@ def assemble(runs: Runs, times: Times, *, params_bytes: int, grads_bytes: int, f
     stages = [_prologue(runs, times)]
     stages += [_block(runs, times, k, last_freed) for k in range(len(runs.names))]
     stages, held = _without_held_output(runs, stages)
+    stages, kept = _kept_by_the_model(runs, stages)
+    held += kept
     head, residual = _head(runs, times, last_freed)
     stages = _after_head(runs, stages)
     stages = _calibrated(runs, times, stages, base=residual + held)
@@ -229,6 +231,25 @@ def _without_held_output(runs: Runs, stages: list[Stage]) -> tuple[list[Stage], 
         return stages, 0
     held = tl.head_x_bytes
     return [*stages[:-1], dataclasses.replace(last, xbar_bytes=last.xbar_bytes - held, output_released_bytes=0)], held
+
+
+def _kept_by_the_model(runs: Runs, stages: list[Stage]) -> tuple[list[Stage], int]:
+    """Note: [Outputs the model keeps] A block may return more than its hidden state, and the model's code
+    may keep it: x-transformers' attention returns its attention maps in a dataclass, which the decoder
+    keeps in a list for the whole forward. A checkpoint frees nothing the model still holds. In the run
+    with every block its own region, block k's first pass should leave only its output live; what it
+    leaves beyond that is kept by the model whatever the plan: counted as live through the whole step (the
+    head's residual, with the held output) and taken out of the block's record, so that no plan is charged
+    less than it holds (a record keeps it until its backward, the residual to the end: the safe side)."""
+    tl, n = runs.full.tl, len(runs.names)
+    out, kept = list(stages), 0
+    for k in range(n):
+        out_k = (tl.x_bytes[k + 1] or 0) if k + 1 < n else tl.head_x_bytes
+        extra = min(max(0, runs.every.block[k].rise - out_k), out[k + 1].xbar_bytes)
+        if extra > 0:
+            out[k + 1] = dataclasses.replace(out[k + 1], xbar_bytes=out[k + 1].xbar_bytes - extra)
+            kept += extra
+    return out, kept
 
 
 def _head(runs: Runs, times: Times, last_freed: int) -> tuple[Stage, int]:
