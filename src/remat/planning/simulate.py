@@ -139,13 +139,17 @@ def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
     charged its measured peak, or the model's where higher, and no margin: with a margin, a budget set
     to Hugging Face's every-layer checkpointing's own peak would refuse that very schedule. Only while the
     profile's stages are the ones measured (:func:`every_digest`: a per-rank FSDP profile, whose blocks
-    carry the unsharded parameters' bytes, keeps the margin), and only for sizes measured on the device
-    (not on a fake copy, whose kernels may differ from the device's).
+    carry the unsharded parameters' bytes, keeps the margin), and only for a plan run on the device: with
+    measured sizes, or with sizes from a fake copy when the profiler also ran the plan on the device
+    (``meta["every_on_device"]``), where the measured peak alone is charged (the fake copy may keep more
+    than the device's step, e.g. an attention mask the device's step skips).
     """
     measured = profile.meta.get("measured_every_act_bytes")
     if (isinstance(measured, int) and len(items) == len(profile.stages) and tuple(items) == every_items(profile)
             and profile.meta.get("measured_every_digest") == every_digest(profile)):
-        return max(0, measured - peak)
+        # Sizes from a fake copy (which may keep more: a mask the device's step skips) with this plan run on the
+        # device: its measured peak is exact.
+        return measured - peak if profile.meta.get("every_on_device") else max(0, measured - peak)
     return math.ceil(profile.safety_fraction * max(0, peak))
 
 
@@ -163,7 +167,8 @@ def with_measured_every(profile: Profile) -> Profile:
     """``profile`` with its every-block run's measured peak (``meta["measured_every_peak_bytes"]``, as the
     profiler left it) kept above ``base_bytes`` beside :func:`every_digest` (Note [Safety margin])."""
     peak = profile.meta.get("measured_every_peak_bytes")
-    measured_sizes = profile.meta.get("sizes") == "measured" and profile.device != "meta"
+    measured_sizes = (profile.meta.get("sizes") == "measured" or profile.meta.get("every_on_device") is True) \
+        and profile.device != "meta"
     if not isinstance(peak, int) or not measured_sizes or "measured_every_act_bytes" in profile.meta:
         return profile  # nothing measured on the device, or already kept (then base_bytes may have grown)
     meta = {**profile.meta, "measured_every_act_bytes": peak - profile.base_bytes,

@@ -511,8 +511,9 @@ def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _F
         )
         times = (_measured_times(real, runs, kinds, groups, warmup, repeats, tick) if "nograd" in kinds
                  else _estimated_times(runs, groups))
+    every_peak = _every_on_device(real, step, limit) if real is not None and repeats >= 1 else None
     params = {id(p): p for p in step.model.parameters()}.values()
-    return assemble(
+    prof = assemble(
         runs, times,
         params_bytes=sum(p.untyped_storage().nbytes() for p in params),
         grads_bytes=sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None),
@@ -523,6 +524,48 @@ def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _F
               "params_numel": sum(p.numel() for p in params), "estimated_times": times.source == "estimated",
               **({"autocast": str(step.autocast)} if step.autocast is not None else {})},
     )
+    if every_peak is None:
+        return prof
+    meta = {**prof.meta, "measured_every_peak_bytes": every_peak, "every_on_device": True}
+    return dataclasses.replace(prof, meta=meta)
+
+
+def _every_on_device(real: _Step, step: _Step, limit: int | None) -> int | None:
+    """Note: [The every-block plan on the device] With sizes from a fake copy, the one schedule the profiler
+    runs whole, every block its own region, is also run on the device, tracked and stopped the moment its
+    live bytes pass the limit (:class:`_Capped`; the fake copy may keep a little more than the device's
+    step, e.g. a mask the device skips, so its figure alone would not say whether it fits). The second of
+    two runs (the first allocates the gradients, as a loop's steady state has them) gives the plan's exact
+    peak, so a budget at that peak (Hugging Face's every-layer checkpointing's own) plans that schedule
+    however sizes were found (Note [Safety margin] in remat.planning.simulate)."""
+    if step is real or not step.names:
+        return None
+    peak = None
+    for _ in range(2):
+        tracker = _Capped(limit)
+        try:
+            real.run("every", tracker, cuda=real.device_type() == "cuda")
+        except Exception:
+            if not tracker.over:
+                raise
+            log.info("remat.profile: the every-block plan passed the limit on the device; its peak is the fake copy's")
+            return None
+        peak = tracker.peak_bytes
+    return peak
+
+
+class _Capped(Tracked):
+    """A tracker that stops the run (raises from the op that allocated) once live bytes pass ``limit``."""
+
+    def __init__(self, limit: int | None) -> None:
+        super().__init__(None)
+        self.limit, self.over = limit, False
+
+    def _add(self, st: torch.UntypedStorage, category: str, relabel: bool = False) -> None:
+        super()._add(st, category, relabel)
+        if self.limit is not None and self.live_bytes > self.limit and not self.over:
+            self.over = True
+            raise RematError(f"remat.profile: a run passed the limit of {self.limit:,} B on the device; stopped")
 
 
 def _default_limit(device: str) -> int | None:
