@@ -168,7 +168,8 @@ class BranchesOnValues(nn.Module):
 
 
 def test_a_step_that_a_fake_copy_cannot_run_is_measured_or_refused_clearly(caplog):
-    model, x = BranchesOnValues(), torch.randn(64, 16)
+    # 2 MiB activations: more than the fake copy keeps the values of (Note [Falling back per op])
+    model, x = BranchesOnValues(), torch.randn(32768, 16)
     with caplog.at_level("WARNING", logger="remat"):
         prof = remat.profile(model, x, repeats=1)
     assert prof.meta["sizes"] == "measured" and "fake copy" in caplog.text
@@ -190,7 +191,7 @@ def test_the_model_itself_runs_nothing_above_the_limit():
 
 
 def test_a_step_a_fake_copy_cannot_run_is_refused_under_a_limit():
-    model, x = BranchesOnValues(), torch.randn(64, 16)
+    model, x = BranchesOnValues(), torch.randn(32768, 16)  # values beyond what the fake copy keeps
     with pytest.raises(remat.ProfileError, match=r"fake copy.*limit_bytes"):
         remat.profile(model, x, repeats=1, limit_bytes=10**9)
     with pytest.raises(remat.ProfileError, match=r"fake copy"):

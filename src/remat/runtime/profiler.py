@@ -161,10 +161,12 @@ class _Fake:
         """On ``device="meta"`` the copy plans for another device; else its tensors keep their device (so
         that code which branches on it runs as on the device), and real tensors the step uses besides
         its inputs (a target in ``loss_fn``) are faked as they come."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from remat.runtime.fakemode import FallbackFakeMode
 
         to_meta = device == "meta"
-        mode = FakeTensorMode(allow_non_fake_inputs=not to_meta)
+        # Ops a fake copy cannot run fall back one by one (Note [Falling back per op]): the mode mirrors
+        # the values of the real tensors it fakes.
+        mode = FallbackFakeMode(allow_non_fake_inputs=not to_meta, to_meta=to_meta)
         # One fake tensor per real one, so tied weights stay tied and an input passed twice is one
         # storage; the copy takes them from the memo, so no real parameter is copied.
         memo: dict[int, Any] = {}
@@ -175,6 +177,7 @@ class _Fake:
             if id(t) not in memo:
                 f = mode.from_tensor(t.detach().to("meta") if to_meta else t.detach())
                 memo[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else f
+                mode.borrow(memo[id(t)], t)
             return memo[id(t)]
 
         for t in (*model.parameters(), *model.buffers()):
