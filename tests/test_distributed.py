@@ -89,6 +89,18 @@ def test_per_rank_peak_within_budget_and_prediction(results: list[list[dict[str,
         assert measured <= predicted <= 1.05 * measured, (c["case"], measured, predicted, predicted / measured, alone)
 
 
+@pytest.mark.parametrize("case", ["sharded-auto", "sharded-auto-mixed"])
+def test_auto_on_a_model_already_sharded(results: list[list[dict[str, Any]]], case: str) -> None:
+    """torchtitan's order (fully_shard, then remat.auto) raised FSDP2's raw 'FSDP does not support deepcopy' on every
+    rank. A sharded model is profiled per rank on its device, bf16 parameters (MixedPrecisionPolicy) included:
+    gradients equal to the sharded model without remat, each rank's peak within the budget and the prediction."""
+    cases = [c for rank in results for c in rank if c["case"] == case]
+    assert len(cases) == RANKS and not [c["error"] for c in cases if "error" in c]
+    for c in cases:
+        assert c["loss_equal"] and c["grads"] > 0 and c["grads_differ"] == [], c
+        assert c["regions"] > 0 and c["measured"] <= c["predicted"] <= c["budget"], c
+
+
 def test_fsdp_ranks_hold_shards(results: list[list[dict[str, Any]]]) -> None:
     """Under FSDP2 a rank holds half the gradients that a DDP rank holds (2 ranks; padding aside)."""
     fsdp = _cases(results, "fsdp")[0]["breakdown"]["gradients"]

@@ -198,6 +198,31 @@ CASES: list[tuple[str, str, str, Callable[[Any], Any]]] = [
 ]
 
 
+def auto_after_shard(setup: Setup, mixed: bool) -> dict[str, Any]:
+    """torchtitan's order: the model is sharded first, then remat.auto plans it per rank (no fake copy of a sharded
+    model: each rank measures its own step), optionally with bf16 parameters (MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    name = f"sharded-auto{'-mixed' if mixed else ''}"
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = {"mp_policy": bf16} if mixed else {}
+
+    def shard(model: nn.Module) -> nn.Module:
+        for block in model.h:
+            fully_shard(block, **policy)
+        return fully_shard(model, **policy)
+
+    ref, planned = shard(copy.deepcopy(setup.model)), shard(copy.deepcopy(setup.model))
+    try:
+        remat.auto(planned, setup.ids, budget="80%", repeats=1)
+    except Exception:
+        return {"case": name, "error": traceback.format_exc()}
+    plan = remat.plan_of(planned)
+    result = {"case": name, **bitwise(ref, planned, setup.ids), "regions": len(list(plan.regions()))}
+    m = remat.measure(lambda: step(planned, setup.ids), model=planned, inputs=setup.ids, repeats=0)
+    return {**result, "measured": m.peak_bytes, "predicted": plan.prediction.peak_bytes, "budget": plan.budget_bytes}
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -212,6 +237,9 @@ def main(out_dir: str) -> None:
         except Exception:
             results.append({"case": name, "error": traceback.format_exc()})
     results.append(disagreement(setup))
+    for mixed in (False, True):
+        if not only or f"sharded-auto{'-mixed' if mixed else ''}" in only.split(","):
+            results.append(auto_after_shard(setup, mixed))
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
     dist.destroy_process_group()

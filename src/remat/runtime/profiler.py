@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -336,8 +337,24 @@ def _steps(model: nn.Module, example_inputs: Any, stack: contextlib.ExitStack,
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         stack.enter_context(preserved(model, cuda=device.startswith("cuda")))
         real = functools.partial(_Step.of, model, args, kwargs, loss_fn, autocast)
-    fake = _Fake.of(model, args, kwargs, device, autocast) if device == "meta" or sizes != "measured" else None
+    if _sharded(model) and (device == "meta" or sizes == "fake"):
+        raise ProfileError(
+            f"remat.profile: {type(model).__name__} is sharded by FSDP2 (fully_shard), and a sharded model has no"
+            f" fake copy{' on meta' if device == 'meta' else ''}: profile it on its device (sizes='auto' or"
+            " 'measured': each rank measures its own step), or profile the model before fully_shard with"
+            " world_size=N (docs/distributed.md)"
+        )
+    fake = (_Fake.of(model, args, kwargs, device, autocast) if (device == "meta" or sizes != "measured")
+            and not _sharded(model) else None)
     return real, fake
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards the model (a fake copy cannot be made of it: its parameters' storages are resized to
+    nothing between uses, and FSDP2 refuses a deep copy): it is then profiled on its device, per rank."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
 
 
 def _throughput(throughput: Throughput | str | None) -> Throughput | None:
