@@ -40,10 +40,18 @@ Rule 9. Autocast's cache of cast weights is off while a planned model's recordin
     reads it. Without it, every cast copy lives exactly as long as the ops that saved it, which is what
     the profile measured (:class:`remat.runtime.step.Step` runs the step the same way) and the plan counts.
 
-Note: [torch.compile] The hooks are hidden from dynamo. Compiled blocks run the same graph in the first
-pass and in recomputation. A whole compiled model traces the model's loop into graphs that a
-recomputation (which calls the blocks one by one) does not run again; checkpoint's metadata check then
-stops the backward with an error.
+Note: [torch.compile] The hooks are hidden from dynamo, so each one breaks the graph: under a whole
+compiled model (``torch.compile(model)``, ``model.compile()``, transformers' ``torch_compile=True``) the
+model's loop falls back to Python around them and each block's forward is compiled as a frame of its
+own. A recomputation must run those very graphs (checkpoint counts and compares the tensors each pass
+saves), but torch's checkpoint runs it with dynamo off. So the block pre-hook is skipped by dynamo
+without switching it off (``recursive=False``): it reads the callback dynamo runs frames with
+(``None`` in eager code), the region entered there keeps it, and its recomputation calls the blocks
+with that callback on again: the same frames, guards and cached graphs as the first pass, nested
+regions entered again included. Compiled blocks (``block.compile()``) switch dynamo on themselves and
+run the same graph in both passes whatever the callback. Should a recomputation still save more tensors
+than its first pass (a guard that failed in between, so another graph ran), checkpoint's error is raised
+as :class:`PlanMismatchError` naming the fix: compile the blocks.
 """
 
 from __future__ import annotations
@@ -56,7 +64,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 from torch.utils.checkpoint import (
+    CheckpointError,
     _checkpoint_without_reentrant_generator,
     get_device_states,
     set_device_states,
@@ -225,7 +235,9 @@ class Runner:
         return not self.suspended and torch.is_grad_enabled()
 
     # ---- hooks --------------------------------------------------------------------------------------
-    def before_block(self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def before_block(self, k: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     dynamo: Any = None) -> None:
+        """Block ``k`` is about to run; ``dynamo``: the callback dynamo runs frames with (Note [torch.compile])."""
         if not self.active:
             return
         top = self.frames[-1] if self.frames else None
@@ -241,11 +253,12 @@ class Runner:
             self._mismatch(f"block {self.names[k]} is inside checkpoint region {self._span(item)}, whose first"
                            f" block {self.names[item.start]} did not run before it (skipped or called out of order)")
         while isinstance(item, Region):
-            self._enter(item, module, args, kwargs)
+            self._enter(item, module, args, kwargs, dynamo)
             item = _item_at(item.body, k)
         if isinstance(item, Selective):  # a one-block region whose checkpoint keeps the option's outputs (Rule 8)
             in_first_pass = bool(self.frames) and self.frames[-1].first_pass
-            self._enter(Region(k, k + 1, (Record(k),)), module, args, kwargs, save=None if in_first_pass else item.save)
+            self._enter(Region(k, k + 1, (Record(k),)), module, args, kwargs, dynamo,
+                        save=None if in_first_pass else item.save)
 
     def after_block(self, k: int, out: Any) -> None:
         if not self.active:
@@ -287,7 +300,7 @@ class Runner:
 
     # ---- regions ------------------------------------------------------------------------------------
     def _enter(self, region: Region, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-               save: tuple[str, ...] | None = None) -> None:
+               dynamo: Any = None, save: tuple[str, ...] | None = None) -> None:
         _, key = split_carry(module, args, kwargs)
         extras = extras_of(args, kwargs, key)
         mods = [m for c in range(region.start, region.stop) for m in self.norms.get(c, [])]
@@ -295,14 +308,15 @@ class Runner:
         options = {"context_fn": context_fn} if context_fn is not None else {}
         rng: dict[int, tuple[torch.Tensor, Any]] = {}
         gen = _checkpoint_without_reentrant_generator(
-            _Recompute(self, region, key, rng), True, *_generator_flags(**options), *args, **kwargs
+            _Recompute(self, region, key, rng, dynamo), True, *_generator_flags(**options), *args, **kwargs
         )
         next(gen)
         self.frames.append(_Frame(region, region.start, gen=gen, key=key, extras=extras, rng=rng))
 
     def recompute(self, region: Region, key: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  rng: dict[int, tuple[torch.Tensor, Any]]) -> None:
-        """Run the region's blocks back to back, its body as the schedule (Rule 5)."""
+                  rng: dict[int, tuple[torch.Tensor, Any]], dynamo: Any = None) -> None:
+        """Run the region's blocks back to back, its body as the schedule (Rule 5); under ``dynamo``, the
+        callback the first pass ran them with (Note [torch.compile])."""
         module = self.blocks[region.start]
         carry, _ = split_carry(module, args, kwargs)
         extras = extras_of(args, kwargs, key)
@@ -312,12 +326,25 @@ class Runner:
             for k in range(region.start, region.stop):
                 if k > region.start and k in rng:
                     _set_rng_state(rng[k])
-                out = call_with_carry(self.blocks[k], carry, key, extras)
+                out = self._call_block(k, carry, key, extras, dynamo)
                 carry = carry_of(out)
                 if k < region.stop - 1:
                     _reshard(self.blocks[k])
         finally:
             self._close(depth)
+
+    def _call_block(self, k: int, carry: Any, key: Any, extras: Extras, dynamo: Any) -> Any:
+        if dynamo is None:
+            return call_with_carry(self.blocks[k], carry, key, extras)
+        try:
+            return call_with_carry(_Under(dynamo, self.blocks[k]), carry, key, extras)
+        except CheckpointError as e:
+            raise PlanMismatchError(
+                f"remat: block {self.names[k]} of this compiled model saved other tensors in recomputation than in"
+                f" the first pass ({str(e).splitlines()[0]}): a compiled graph was not run again. Compile the blocks"
+                " rather than the whole model: block.compile() for each block of the plan (remat.plan_of(model)"
+                ".stage_names names them), before or after remat.auto."
+            ) from e
 
     def _rng_before(self, top: _Frame, k: int, args: tuple[Any, ...], kwargs: dict[str, Any],
                     module: nn.Module) -> None:
@@ -427,20 +454,46 @@ def _generator_flags(context_fn: Callable[[], tuple[Any, Any]] | None = None) ->
 class _Recompute:
     """The function a region's checkpoint frame calls to recompute it (a picklable callable)."""
 
-    def __init__(self, runner: Runner, region: Region, key: Any, rng: dict[int, tuple[torch.Tensor, Any]]) -> None:
-        self.runner, self.region, self.key, self.rng = runner, region, key, rng
+    def __init__(self, runner: Runner, region: Region, key: Any, rng: dict[int, tuple[torch.Tensor, Any]],
+                 dynamo: Any = None) -> None:
+        self.runner, self.region, self.key, self.rng, self.dynamo = runner, region, key, rng, dynamo
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        self.runner.recompute(self.region, self.key, args, kwargs, self.rng)
+        self.runner.recompute(self.region, self.key, args, kwargs, self.rng, self.dynamo)
+
+
+class _Under:
+    """A block called with dynamo's callback on (Note [torch.compile]): this frame starts with dynamo off
+    (checkpoint recomputes with it off), the block's frames then run as they did in the first pass."""
+
+    def __init__(self, callback: Any, block: nn.Module) -> None:
+        self.callback, self.block = callback, block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        prior = set_eval_frame(self.callback)
+        try:
+            return self.block(*args, **kwargs)
+        finally:
+            set_eval_frame(prior)
+
+
+@torch.compiler.disable
+def _before_block(hook: _BlockPre, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  dynamo: Any) -> None:
+    hook.runner.before_block(hook.k, module, args, kwargs, dynamo)
+
+
+def _block_pre(hook: _BlockPre, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    # Skipped by dynamo, but run with its callback on (Note [torch.compile]): only C functions and the
+    # disabled _before_block are called here, so no frame of remat's is compiled.
+    _before_block(hook, module, args, kwargs, get_eval_frame_callback())
 
 
 class _BlockPre:
     def __init__(self, runner: Runner, k: int) -> None:
         self.runner, self.k = runner, k
 
-    @torch.compiler.disable
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.runner.before_block(self.k, module, args, kwargs)
+    __call__ = torch.compiler.disable(_block_pre, recursive=False)
 
 
 class _BlockPost:
