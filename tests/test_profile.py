@@ -237,4 +237,6 @@ def test_auto_with_default_sizes_at_hugging_face_every_layer_peak_plans_that_sch
     prof = remat.profile(model, inputs, repeats=1, limit_bytes=hf_peak)
     assert prof.meta["sizes"] == "fake" and prof.meta["every_on_device"]
     assert [(r.start, r.stop) for r in plan.regions()] == [(k, k + 1) for k in prof.block_indices()]
-    assert remat.measure(_step(model, inputs), model=model, inputs=tensors, repeats=0).peak_bytes <= hf_peak
+    measured = remat.measure(_step(model, inputs), model=model, inputs=tensors, repeats=0).peak_bytes
+    assert measured <= plan.prediction.peak_bytes <= hf_peak
+    assert prof.meta["measured_every_peak_bytes"] == measured  # the whole run's peak, not its last window's
