@@ -146,3 +146,41 @@ def test_the_fake_copy_never_writes_the_real_model():
         for p in fake.model.parameters():
             p.data.mul_(0)  # written on the fake copy only
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _bloom(layers: int, batch: int, seq: int) -> tuple[nn.Module, dict]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=layers, n_head=4,
+                                                                   vocab_size=256))
+    ids = torch.randint(3, 256, (batch, seq))
+    return model.train(), {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 32), (2, 4, 128), (4, 2, 32)])
+def test_bloom_attention_scores_freed_after_the_projection_are_counted_once(shape):
+    """BLOOM's attention frees its scores when it returns, after its output projection (a stage): they were
+    counted as kept by the code before it, and the self-check refused the model (+5.0% at 2x32, +22.2% at 4x128,
+    'bytes were counted twice'). Note [Lingering bytes]: the chain model now predicts the measured peak within 0.2%,
+    never below."""
+    model, inputs = _bloom(*shape)
+    prof = remat.profile(model, inputs, sizes="measured", repeats=1)
+    measured = prof.meta["measured_peak_bytes"]
+    predicted = remat.simulate(prof, remat.solve(prof, None, strategy="none")).peak_bytes
+    assert measured <= predicted <= 1.005 * measured
+
+
+def test_bloom_plans_within_budget_with_the_plain_gradients():
+    """Refused by the self-check before. Its stages as found (the attention's projection, the MLP: the attention
+    scores are code between them, never checkpointed) allow no less than about 90% of the plain peak here."""
+    model, inputs = _bloom(4, 4, 128)
+    plain = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters())
+    remat.auto(model, inputs, budget="95%", optimizer=opt)
+    plan = remat.plan_of(model)
+    assert loop_peak(model, inputs, opt) <= plan.budget_bytes
+    plain.load_state_dict(model.state_dict())
+    for a, b in zip(_grads(model, inputs), _grads(plain, inputs), strict=True):
+        assert torch.equal(a, b)

@@ -15,7 +15,7 @@ from typing import Any
 
 from remat.planning.profile import Profile, Stage
 from remat.runtime.model import GLUE, HEAD, PROLOGUE
-from remat.runtime.timeline import Key, Run
+from remat.runtime.timeline import Key, Lingering, Run, Window
 
 __all__ = ["MIN_TIME_S", "Runs", "Times", "assemble"]
 
@@ -166,15 +166,16 @@ def _prologue(runs: Runs, times: Times) -> Stage:
     """What runs from the start of the step to the first block."""
     full, w = runs.full, runs.full.prologue
     back = full.backward.get(-1)
+    xbar, ft, ofn = _lingering(runs, w, runs.nograd.prologue, w.end.live - full.start.live)
     return Stage(
         name=PROLOGUE,
         x_bytes=runs.inputs_bytes,
-        xbar_bytes=max(0, w.end.live - full.start.live),
+        xbar_bytes=xbar,
         fwd_s=times.window(w.key),
         bwd_s=times.prologue_bwd() if back is not None else 0.0,
         fwd_nograd_s=times.nograd_window(w.key),
-        fwd_transient_bytes=w.transient,
-        fwd_nograd_transient_bytes=runs.nograd.prologue.transient,
+        fwd_transient_bytes=ft,
+        fwd_nograd_transient_bytes=ofn,
         bwd_transient_bytes=_bwd_transient(runs, -1),
         output_released_bytes=(full.tl.x_bytes[0] or 0) if full.tl.output_released(-1) else 0,
         kind="prologue",
@@ -199,17 +200,19 @@ def _block(runs: Runs, times: Times, k: int, last_freed: int) -> Stage:
     n = len(runs.names)
     # Bytes released between this block's end and the next block's start: its input, if unsaved.
     glue = runs.full.glue.get(k)
-    freed = min(max(0, -glue.rise), tl.x_bytes[k] or 0) if glue is not None else last_freed
+    glue_rise = glue.rise + runs.full.lingering(glue).freed if glue is not None else 0
+    freed = min(max(0, -glue_rise), tl.x_bytes[k] or 0) if glue is not None else last_freed
     out_bytes = (tl.x_bytes[k + 1] or 0) if k + 1 < n else tl.head_x_bytes
+    xbar, ft, ofn = _lingering(runs, w, runs.nograd.block[k], w.rise)
     return Stage(
         name=runs.names[k],
         x_bytes=tl.x_bytes[k] or 0,
-        xbar_bytes=max(0, w.rise),
+        xbar_bytes=xbar,
         fwd_s=times.fwd(k),
         bwd_s=times.bwd(k) if k in runs.full.backward else 0.0,
         fwd_nograd_s=times.fwd_nograd(k),
-        fwd_transient_bytes=w.transient,
-        fwd_nograd_transient_bytes=runs.nograd.block[k].transient,
+        fwd_transient_bytes=ft,
+        fwd_nograd_transient_bytes=ofn,
         bwd_transient_bytes=_bwd_transient(runs, k),
         kind="block",
         checkpointable=True,
@@ -219,6 +222,20 @@ def _block(runs: Runs, times: Times, k: int, last_freed: int) -> Stage:
         output_released_bytes=out_bytes if tl.output_released(k) else 0,
         recompute_copy_bytes=runs.copies[k] if k < len(runs.copies) else 0,
     )
+
+
+def _lingering(runs: Runs, w: Window, nograd: Window | None, rise: int) -> tuple[int, int, int]:
+    """A forward window's record, transient and unrecorded transient, with its lingering bytes (Note [Lingering
+    bytes] in timeline.py) out of its record and in its transients, from ``rise``: the live bytes it gained."""
+    lin = runs.full.lingering(w)
+    ng = runs.nograd.lingering(nograd) if nograd is not None else Lingering()
+    xbar = max(0, rise + lin.freed - lin.own)
+    # Above the record: the window's own transient (measured above its end, after what it freed), what it
+    # leaves to later windows, and what earlier windows left to it and a later one frees.
+    transient = w.transient + lin.own + lin.live - lin.freed
+    nograd_transient = ((nograd.transient if nograd is not None else 0) + ng.own
+                        + max(lin.live - lin.freed, ng.live - ng.freed))
+    return xbar, transient, nograd_transient
 
 
 def _without_held_output(runs: Runs, stages: list[Stage]) -> tuple[list[Stage], int]:
@@ -361,15 +378,16 @@ def _glue(runs: Runs, times: Times, k: int) -> Stage:
     tl, w = runs.full.tl, runs.full.glue[k]
     freed_in, freed_out = tl.freed_by_glue(k)
     ng = runs.nograd.glue.get(k)
+    xbar, ft, ofn = _lingering(runs, w, ng, w.rise + freed_in + freed_out)
     return Stage(
         name=f"{GLUE}{runs.names[k]}",
         x_bytes=tl.out_bytes[k],
-        xbar_bytes=max(0, w.rise + freed_in + freed_out),
+        xbar_bytes=xbar,
         fwd_s=times.window(w.key),
         bwd_s=0.0,
         fwd_nograd_s=times.nograd_window(w.key),
-        fwd_transient_bytes=w.transient,
-        fwd_nograd_transient_bytes=ng.transient if ng is not None else 0,
+        fwd_transient_bytes=ft,
+        fwd_nograd_transient_bytes=ofn,
         kind="glue",
         checkpointable=False,
         joins_previous=False,
