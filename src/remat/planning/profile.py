@@ -230,6 +230,10 @@ class Profile:
             first forward pass).
         input_shapes: ``((shape, dtype), ...)`` of the profiled inputs, in call order (empty when built by
             hand); plans carry them so that a planned model can refuse larger inputs.
+        after_backward_bytes: bytes the step allocates after backward, above ``base_bytes`` (the optimizer's
+            step: its temporaries, while parameters, gradients, state and the held output are live); the
+            step's peak is at least ``base_bytes`` plus this, whatever the plan (Note [The optimizer's
+            step] in :mod:`remat.runtime.optimizer`).
         safety_fraction: predicted activation peaks are raised by this share before they are checked
             against a budget. Profiles of real models set 0.002: the profile is exact for every plan
             shape it calibrates, but deep nesting can keep a few small tensors (normalisation
@@ -252,6 +256,7 @@ class Profile:
     safety_fraction: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     input_shapes: tuple[Any, ...] = ()
+    after_backward_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, tuple):

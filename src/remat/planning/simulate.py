@@ -227,7 +227,7 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     bwd = sum(s.bwd_s for s in st)
     recompute = max(0.0, total - fwd - bwd)
     return Prediction(
-        peak_bytes=profile.base_bytes + peak + safety_bytes(profile, items, peak),
+        peak_bytes=profile.base_bytes + max(peak + safety_bytes(profile, items, peak), profile.after_backward_bytes),
         fwd_s=fwd,
         bwd_s=bwd,
         recompute_s=recompute,

@@ -136,7 +136,8 @@ def min_feasible_peak(profile: Profile) -> int:
     the baselines', computed exactly, without the DP's memory slots.
     """
     low, _ = min_peak_items(profile)
-    return min([low, *(simulate(profile, items).peak_bytes for items in baselines(profile, None))])
+    least = min([low, *(simulate(profile, items).peak_bytes for items in baselines(profile, None))])
+    return max(least, profile.base_bytes + profile.after_backward_bytes)  # the optimizer's step, whatever the plan
 
 
 def min_feasible_plan(profile: Profile, slots: int = 500) -> Plan:

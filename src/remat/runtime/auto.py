@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from remat.runtime.distributed import plan_for_job
 from remat.runtime.executor import applied_state, apply, remove
 from remat.runtime.measure import measure
 from remat.runtime.ops import add_options
-from remat.runtime.optimizer import Spec, optimizer_state_bytes
+from remat.runtime.optimizer import Spec, optimizer_state_bytes, optimizer_step_bytes
 from remat.runtime.profiler import preserved, profile
 from remat.runtime.regions import suspended
 from remat.runtime.step import Autocast, Step, autocast_for, training
@@ -173,7 +174,8 @@ def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, *,
     if optimizer is None:
         return prof
     label = optimizer if isinstance(optimizer, str) else f"{type(optimizer).__name__} state"
-    return prof.with_extra_fixed(optimizer_state_bytes(model, optimizer, device=prof.device), label)
+    prof = prof.with_extra_fixed(optimizer_state_bytes(model, optimizer, device=prof.device), label)
+    return dataclasses.replace(prof, after_backward_bytes=optimizer_step_bytes(model, optimizer))
 
 
 def _verify(step: Step, plan: Plan, optimizer: torch.optim.Optimizer | Spec | None, *, grads: bool) -> None:
