@@ -315,6 +315,20 @@ def test_two_adamw_steps_give_the_same_parameters(zoo: Entry) -> None:
         _refused(e, zoo)
 
 
+def test_the_least_feasible_peak_named_plans_when_given_back_in_bytes(zoo: Entry) -> None:
+    """A share budget too low names the least feasible peak (InfeasibleBudgetError.min_feasible_bytes); given back
+    as a byte budget (sized on a fake copy, Note [A least that holds]) it plans, and the planned step's check holds."""
+    if _profile(zoo) is None:
+        return
+    model = copy.deepcopy(zoo.model)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        remat.auto(model, zoo.inputs, budget="1%", loss_fn=zoo.loss_fn, repeats=1, verify=False)
+    least = info.value.min_feasible_bytes
+    assert least is not None and f"({least:,} B)" in str(info.value)
+    remat.auto(model, zoo.inputs, budget=least, loss_fn=zoo.loss_fn, repeats=1)
+    assert remat.plan_of(model).prediction.peak_bytes <= least
+
+
 def test_filed_reproducer_with_explicit_stages_and_one_uniform_segment() -> None:
     """The filed bug: stages=['0', '2'] around an in-place LeakyReLU, one uniform segment over both."""
     model, x, loss_fn = filed_reproducer()
