@@ -22,7 +22,8 @@ from remat.runtime.executor import apply, remove
 from remat.runtime.measure import measure, reset_grads
 from remat.runtime.step import Step
 
-__all__ = ["Result", "Variant", "check_variant", "median_s", "plan_variant", "run_variants", "time_variants"]
+__all__ = ["Result", "Variant", "check_variant", "median_s", "plan_variant", "ratio_spread", "run_variants",
+           "time_variants"]
 
 
 @dataclass
@@ -123,6 +124,15 @@ def time_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Vari
 def median_s(times: Sequence[float]) -> float:
     """The median of ``times`` (NaN when there are none)."""
     return statistics.median(times) if times else float("nan")
+
+
+def ratio_spread(times: Sequence[float], against: Sequence[float]) -> tuple[float, float, float]:
+    """The per-round ratios ``times[r] / against[r]`` of two variants timed in the same rounds
+    (:func:`time_variants`): their median, least and greatest (NaN when there are none)."""
+    ratios = sorted(a / b for a, b in zip(times, against))
+    if not ratios:
+        return (float("nan"),) * 3
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def run_variants(model: nn.Module, example_inputs: Any, variants: Sequence[Variant], *,

@@ -1,27 +1,27 @@
-"""``remat demo``: what checkpointing trades, then every strategy on a GPT-2-style model.
+"""``remat demo``: what activation checkpointing saves and costs on a GPT-2-style model, measured.
 
-It prints as it goes: a line saying what is being measured, then each table row as soon as it is
-measured. Step times come first, round-robin over every way of running the step (one dot per round,
-see :func:`remat.app.compare.time_variants`); then, row by row, the exact peak and the gradient check.
+One model whose activations dominate its memory (a GPT-2-style config over a long sequence), five ways to
+run its training step: no checkpointing, √N segments, every layer checkpointed (Hugging Face's
+``gradient_checkpointing_enable``, the usual choice), and remat's optimal plan at every-layer's own
+measured peak and at a tighter budget. It prints as it goes: each row of the memory table as soon as its
+step is measured (exact peak by :func:`remat.measure`, gradients compared bit for bit with no
+checkpointing), then the step times: every way once per round, the order rotated each round (A B C, B C A,
+...), medians with the range over the rounds, and remat's time against every-layer's as the median of the
+per-round ratios with their range. The headline says whether remat was faster, within noise or slower.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from remat.errors import RematError
 from remat.planning.solve import min_feasible_peak, solve
 from remat.units import format_bytes, format_seconds
 
 __all__ = ["cmd_demo"]
-
-STRATEGIES = ("none", "every", "sqrt", "revolve", "optimal")
 
 
 def _print(*args: Any, end: str = "\n") -> None:
@@ -30,19 +30,16 @@ def _print(*args: Any, end: str = "\n") -> None:
 
 @dataclass(frozen=True)
 class _Sizes:
-    repeats: int
-    width: int
-    rows: int
-    depth: int
-    hidden: int
     batch: int
     seq: int
+    rounds: int
+    profile_repeats: int
 
     @classmethod
     def of(cls, quick: bool) -> _Sizes:
         if quick:
-            return cls(repeats=1, width=128, rows=32, depth=4, hidden=256, batch=2, seq=32)
-        return cls(repeats=5, width=1024, rows=256, depth=12, hidden=2048, batch=4, seq=128)
+            return cls(batch=1, seq=64, rounds=2, profile_repeats=1)
+        return cls(batch=1, seq=256, rounds=7, profile_repeats=2)
 
 
 class _Table:
@@ -59,185 +56,152 @@ class _Table:
         _print("  ".join(cells).rstrip())
 
 
-@contextlib.contextmanager
-def _section(title: str) -> Iterator[None]:
-    _print(f"\n== {title} ==")
-    t0 = time.perf_counter()
-    yield
-    _print(f"({time.perf_counter() - t0:.1f} s)")
+@dataclass
+class _Row:
+    """One way to run the step, as measured."""
+
+    variant: Any
+    predicted: int | None  # remat's predicted peak (plans only)
+    peak: int = 0
+    equal: bool = False
 
 
-def _time_all(model: Any, inputs: Any, variants: Sequence[Any], repeats: int, loss_fn: Any = None) -> dict[str, float]:
-    """Median step time of each variant, round-robin, with one dot per round."""
-    from remat.app.compare import median_s, time_variants
+def _hf_every_layer(model: Any) -> Any:
+    """Hugging Face's every-layer checkpointing (non-reentrant), on while the variant runs."""
+    from remat.app.compare import Variant
 
-    _print(f"timing {len(variants)} ways to run the step, round-robin, {repeats} round{'s' * (repeats != 1)} ", end="")
-    times = time_variants(model, inputs, variants, loss_fn=loss_fn, repeats=repeats,
-                          on_round=lambda r: _print(".", end=""))
-    _print(" done")
-    return {label: median_s(t) for label, t in times.items()}
+    def enter() -> None:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    return Variant("every layer (transformers' own checkpointing)", enter=enter,
+                   exit=model.activation_checkpointing_disable)
 
 
-class _Checker:
-    """Exact peak and gradient check of each variant, the first one's gradients the reference."""
+def _measure_rows(built: Any, prof: Any) -> dict[str, _Row]:
+    """Measure each way's peak and gradients, a row printed as each is measured; remat is planned for
+    each peer's measured peak, and for the least peak any plan reaches."""
+    from remat.app.compare import Variant, plan_variant
 
-    def __init__(self, model: Any, inputs: Any, loss_fn: Any = None) -> None:
-        self.model, self.inputs, self.loss_fn = model, inputs, loss_fn
-        self.reference: list[Any] | None = None
-        self.done: dict[str, tuple[int, bool]] = {}
+    model = built.model
+    none_plan, sqrt_plan = solve(prof, None, strategy="none"), solve(prof, None, strategy="sqrt")
+    measure = _Measurer(built)
+    rows = {"none": measure(Variant("no checkpointing", plan=None), none_plan.peak_bytes),
+            "sqrt": measure(plan_variant(model, sqrt_plan, f"√N segments ({len(list(sqrt_plan.regions()))} regions)"),
+                            sqrt_plan.peak_bytes),
+            "every": measure(_hf_every_layer(model), None)}
+    low = min_feasible_peak(prof)
+    for peer, name in (("sqrt", "√N's"), ("every", "every layer's")):
+        plan = solve(prof, max(rows[peer].peak, low))  # a peak below remat's least (tiny sizes): planned at the least
+        raised = " (raised to remat's least)" if rows[peer].peak < low else ""
+        rows[f"at {peer}"] = measure(plan_variant(model, plan, f"remat optimal, budget = {name} peak{raised}"),
+                                     plan.peak_bytes)
+    least = solve(prof, low)
+    label = f"remat optimal, least peak ({format_bytes(least.budget_bytes or 0)})"
+    rows["least"] = measure(plan_variant(model, least, label), least.peak_bytes)
+    return rows
 
-    def __call__(self, variant: Any) -> tuple[int, bool]:
+
+class _Measurer:
+    """Exact peak and gradients of one way (:func:`remat.app.compare.check_variant`), its row printed at once;
+    the first way's gradients are the reference."""
+
+    def __init__(self, built: Any) -> None:
+        self.built = built
+        self.reference: list[Any] = []
+        self.table = _Table(["", "measured peak", "predicted", "grads equal"], [50, 13, 10, 11],
+                            [False, True, True, False])
+
+    def __call__(self, variant: Any, predicted: int | None) -> _Row:
         import torch
 
         from remat.app.compare import check_variant
 
-        if variant.label not in self.done:
-            peak, grads = check_variant(self.model, self.inputs, variant, loss_fn=self.loss_fn)
-            if self.reference is None:
-                self.reference = grads
-            self.done[variant.label] = peak, all(torch.equal(a, b) for a, b in zip(grads, self.reference))
-        return self.done[variant.label]
+        peak, grads = check_variant(self.built.model, self.built.inputs, variant)
+        if not self.reference:
+            self.reference.extend(grads)
+        row = _Row(variant, predicted, peak, all(torch.equal(a, b) for a, b in zip(grads, self.reference)))
+        self.table.row([variant.label, format_bytes(peak), format_bytes(predicted) if predicted else "",
+                        "yes" if row.equal else "NO"])
+        return row
 
 
-# ---- 1. what checkpointing trades --------------------------------------------------------------------
+def _time_rows(built: Any, rows: list[_Row], rounds: int) -> dict[str, list[float]]:
+    """Step times of every way, interleaved: one step each per round, the order rotated each round."""
+    from remat.app.compare import median_s, time_variants
 
-
-def _trade_variants(model: Any, x: Any, loss_fn: Any) -> tuple[list[Any], Any, float]:
-    """No checkpointing, torch.utils.checkpoint on every layer, and remat at two budgets; the profile."""
-    from torch.utils.checkpoint import checkpoint
-
-    from remat.app.compare import Variant, plan_variant
-    from remat.runtime.profiler import profile
-
-    def every_layer() -> None:
-        h = x
-        for layer in model:
-            h = checkpoint(layer, h, use_reentrant=False)
-        loss_fn(h).backward()
-
-    prof = profile(model, x, loss_fn=loss_fn, repeats=2)
-    none = solve(prof, None, strategy="none")
-    every = solve(prof, None, strategy="every")
-    half = max(prof.base_bytes + (none.peak_bytes - prof.base_bytes) // 2, min_feasible_peak(prof))
-    variants = [Variant("no checkpointing", plan=None), Variant("checkpoint every layer", step=every_layer),
-                plan_variant(model, solve(prof, every.peak_bytes), "remat optimal, budget = every layer's peak"),
-                plan_variant(model, solve(prof, half), f"remat optimal, budget {format_bytes(half)}")]
-    return variants, prof, none.time_s
-
-
-def _checkpoint_trade(label: str, model: Any, x: Any, repeats: int) -> None:
-    """Measure the four ways of :func:`_trade_variants` side by side, a row as each is measured."""
-    def loss_fn(out: Any) -> Any:
-        return out.float().pow(2).mean()
-
-    _print(f"{label}: profiling the chain to plan it (remat.profile)")
-    variants, prof, none_s = _trade_variants(model, x, loss_fn)
-    times = _time_all(model, x, variants, repeats, loss_fn)
-    base = times[variants[0].label]
-    check = _Checker(model, x, loss_fn)
-    table = _Table(["", "peak", "step", "time", "predicted", "grads equal"],
-                   [max(len(v.label) for v in variants), 10, 8, 5, 9, 11], [False, True, True, True, False, False])
-    peaks, ratios = [], []
+    variants = [r.variant for r in rows]
+    _print(f"\ntiming the {len(variants)} ways interleaved, one step each per round, the order rotated each round,"
+           f" {rounds} rounds ", end="")
+    times = time_variants(built.model, built.inputs, variants, repeats=rounds, warmup=0,
+                          on_round=lambda r: _print(".", end=""))
+    _print(" done")
+    base = median_s(times[variants[0].label])
+    table = _Table(["", "step (median)", "range over rounds", "vs none"], [50, 13, 17, 7],
+                   [False, True, True, True])
     for v in variants:
-        peak, equal = check(v)
-        peaks.append(peak)
-        ratios.append(times[v.label] / base)
-        predicted = f"{v.plan.time_s / none_s:.2f}x" if v.plan else ""
-        table.row([v.label, format_bytes(peak), format_seconds(times[v.label]), f"{ratios[-1]:.2f}x", predicted,
-                   "yes" if equal else "NO"])
-    _print(f"-> every layer saves {format_bytes(peaks[0] - peaks[1])} for {100 * (ratios[1] - 1):+.0f}%"
-           f" time; remat gets that peak for {100 * (ratios[2] - 1):+.0f}%, or saves"
-           f" {format_bytes(peaks[0] - peaks[3])} for {100 * (ratios[3] - 1):+.0f}%"
-           f" (fixed memory, untouched by checkpointing: {format_bytes(prof.fixed_bytes)})")
+        t = times[v.label]
+        table.row([v.label, format_seconds(median_s(t)), f"{format_seconds(min(t))}-{format_seconds(max(t))}",
+                   f"{median_s(t) / base:.2f}x"])
+    return times
 
 
-def _trade_section(sizes: _Sizes) -> None:
-    import torch
+def _against(ours: list[float], peer: list[float]) -> str:
+    """remat's time against a peer's, from the per-round ratios, with the verdict their range allows."""
+    from remat.app.compare import ratio_spread
 
+    med, lo, hi = ratio_spread(ours, peer)
+    verdict = ("faster" if hi < 1 else "SLOWER, outside the noise of this run" if lo > 1
+               else "the same within noise (the range contains 1)")
+    return f"{med:.2f}x its time (per-round ratios {lo:.2f}-{hi:.2f}, {len(ours)} rounds): {verdict}"
+
+
+def _headline(rows: dict[str, _Row], times: dict[str, list[float]], fixed: int) -> None:
+    """Memory saved, and remat's time against each peer at that peer's own peak."""
+    from remat.app.compare import median_s
+
+    def of(key: str) -> list[float]:
+        return times[rows[key].variant.label]
+
+    def more(key: str) -> str:
+        return f"{100 * (median_s(of(key)) / median_s(of('none')) - 1):+.0f}% step time"
+
+    none, every, least = rows["none"].peak, rows["every"].peak, rows["least"].peak
+    _print(f"\n-> checkpointing every layer cuts the peak from {format_bytes(none)} to {format_bytes(every)}"
+           f" ({100 * (none - every) / none:.0f}% less, {format_bytes(none - every)}) for {more('every')};"
+           f" fixed memory (parameters, gradients), which checkpointing leaves alone: {format_bytes(fixed)}.")
+    for peer, name in (("every", "every layer's"), ("sqrt", "√N's")):
+        ours = rows[f"at {peer}"]
+        raised = " (below remat's least, so planned at that)" if "raised" in ours.variant.label else ""
+        _print(f"-> at {name} own peak{raised}, remat ({format_bytes(ours.peak)}) takes"
+               f" {_against(of(f'at {peer}'), of(peer))}.")
+    _print(f"-> remat's least peak: {format_bytes(least)} ({100 * (none - least) / none:.0f}% less than no"
+           f" checkpointing) for {more('least')}.")
+    if not all(r.equal for r in rows.values()):
+        _print("-> GRADIENTS DIFFER from no checkpointing in some row above")
+
+
+def _run(sizes: _Sizes, plot: str) -> None:
     from remat.app import zoo
-
-    torch.manual_seed(0)
-    w, rows = sizes.width, sizes.rows
-    _checkpoint_trade(f"20 x Linear({w}, {w}), batch {rows}", zoo.linear_stack(20, w), torch.randn(rows, w),
-                      sizes.repeats)
-    mlp = zoo.residual_mlp(depth=sizes.depth, width=w, hidden=sizes.hidden)
-    _checkpoint_trade(f"\nresidual MLP: {sizes.depth} blocks {w} -> {sizes.hidden} -> {w} + LayerNorm, {rows} rows",
-                      mlp, torch.randn(rows, w), sizes.repeats)
-
-
-# ---- 2. every strategy on a GPT-2-style model -------------------------------------------------------------
-
-
-def _plan_grid(prof: Any) -> list[tuple[str, int, str, Any]]:
-    """(budget label, budget bytes, strategy, plan or None when it does not fit) for every pair."""
-
-    none = solve(prof, None, strategy="none").peak_bytes
-    every = solve(prof, None, strategy="every").peak_bytes
-    low = min_feasible_peak(prof)
-    budgets = [("100% of no-ckpt peak", none), ("70%", int(0.7 * none)), ("every-layer peak", every),
-               ("below every-layer", int(low + 0.25 * (every - low)))]
-    plans: dict[Any, Any] = {}
-    grid: list[tuple[str, int, str, Any]] = []
-    for label, b in budgets:
-        for s in STRATEGIES:
-            try:
-                plan = solve(prof, b, strategy=s)
-            except RematError:
-                grid.append((label, b, s, None))
-                continue
-            grid.append((label, b, s, plans.setdefault(plan.items, plan)))
-    return grid
-
-
-def _grid_rows(built: Any, prof: Any, grid: list[tuple[str, int, str, Any]], repeats: int) -> dict[Any, Any]:
-    """Time every distinct plan, then print a row per (budget, strategy) as its plan is measured."""
-    from remat.app.compare import Result, plan_variant
-
-    distinct = {plan.items: plan for *_, plan in grid if plan is not None}
-    none_plan = solve(prof, None, strategy="none")
-    variants = {none_plan.items: plan_variant(built.model, none_plan, "none")}
-    variants.update({k: plan_variant(built.model, p, f"plan{n}") for n, (k, p) in enumerate(distinct.items())
-                     if k not in variants})
-    times = _time_all(built.model, built.inputs, list(variants.values()), repeats)
-    base, none_s = times["none"], none_plan.time_s
-    check = _Checker(built.model, built.inputs)
-    check(variants[none_plan.items])  # the gradients every plan must reproduce
-    table = _Table(["budget", "bytes", "strategy", "fits", "sim peak", "measured peak", "sim time", "measured time",
-                    "grads equal"], [20, 10, 8, 4, 10, 10, 5, 5, 3], [False, True] + [False] * 7)
-    results: dict[Any, Result] = {}
-    for label, b, s, plan in grid:
-        if plan is None:
-            table.row([label, format_bytes(b), s, "no", "-", "-", "-", "-", "-"])
-            continue
-        if plan.items not in results:
-            v = variants[plan.items]
-            peak, equal = check(v)
-            t = times[v.label]
-            results[plan.items] = Result(v.label, peak, t, t / base, equal, plan, {})
-        r = results[plan.items]
-        table.row([label, format_bytes(b), s, "yes", format_bytes(plan.peak_bytes), format_bytes(r.peak_bytes),
-                   f"{plan.time_s / none_s:.2f}x", f"{r.time_ratio:.2f}x", "yes" if r.grads_equal else "NO"])
-    return results
-
-
-def _strategy_section(sizes: _Sizes, plot: str) -> None:
-    from remat.app import zoo
+    from remat.app.compare import median_s
     from remat.app.plot import plot_frontier
     from remat.runtime.profiler import profile
 
     built = zoo.build("gpt2-tiny", batch=sizes.batch, seq=sizes.seq)
     _print(f"model: {built.description}; batch {sizes.batch} x seq {sizes.seq}, float32, dropout on")
-    prof = profile(built.model, built.inputs, progress=None, repeats=sizes.repeats)
-    _print(f"profiled {len(prof.stages)} stages; fixed memory {prof.fixed_summary()}")
-    grid = _plan_grid(prof)
-    results = _grid_rows(built, prof, grid, sizes.repeats)
-    _print("time = step time / no checkpointing (measured: round-robin medians of"
-           f" {sizes.repeats}); peaks are exact tensor bytes (remat.measure)")
-    optimal = [(label, plan) for label, _, s, plan in grid if s == "optimal" and plan is not None]
-    measured = [(f"optimal @ {label}", results[plan.items].peak_bytes, results[plan.items].time_ratio)
-                for label, plan in optimal[1:]]
-    plot_frontier(prof, plot, highlight=optimal[-1][1], measured=measured)
-    _print(f"wrote {plot} (the memory-time frontier; x = measured points)")
+    _print("profiling it as a chain of stages to plan it (remat.profile) ...")
+    prof = profile(built.model, built.inputs, progress=None, repeats=sizes.profile_repeats)
+    none = solve(prof, None, strategy="none")
+    activations = format_bytes(none.peak_bytes - prof.fixed_bytes)
+    _print(f"{len(prof.stages)} stages; fixed memory {prof.fixed_summary()}; predicted peak without checkpointing"
+           f" {format_bytes(none.peak_bytes)}, of which activations and the like {activations}\n")
+    rows = _measure_rows(built, prof)
+    times = _time_rows(built, list(rows.values()), sizes.rounds)
+    _headline(rows, times, prof.fixed_bytes)
+    base = median_s(times[rows["none"].variant.label])
+    measured = [(r.variant.label.split(",")[-1].strip(), r.peak, median_s(times[r.variant.label]) / base)
+                for r in rows.values() if r.variant.plan is not None and r.variant.plan.strategy != "none"]
+    plot_frontier(prof, plot, highlight=rows["least"].variant.plan, measured=measured)
+    _print(f"\nwrote {plot} (the predicted memory-time frontier; x = measured points)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -245,14 +209,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core; given back after
-    sizes = _Sizes.of(args.quick)
+    torch.set_num_threads(1)  # steadier timings when other programs share the cores; given back after
     t_start = time.perf_counter()
     try:
-        with _section("1. what checkpointing trades: memory saved, time paid"):
-            _trade_section(sizes)
-        with _section("2. remat on a GPT-2-style model: every strategy at a few budgets"):
-            _strategy_section(sizes, args.plot)
+        _run(_Sizes.of(args.quick), args.plot)
     finally:
         torch.set_num_threads(threads)
     _print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
