@@ -21,9 +21,9 @@ from remat.planning.solve import solve
 from remat.runtime import hf
 from remat.runtime.distributed import plan_for_job
 from remat.runtime.executor import applied_state, apply, remove
-from remat.runtime.measure import measure
+from remat.runtime.measure import measure, optimizer_step_bytes
 from remat.runtime.ops import add_options
-from remat.runtime.optimizer import Spec, optimizer_state_bytes, optimizer_step_bytes
+from remat.runtime.optimizer import Spec, optimizer_state_bytes
 from remat.runtime.profiler import preserved, profile
 from remat.runtime.regions import suspended
 from remat.runtime.step import Autocast, Step, autocast_for, training

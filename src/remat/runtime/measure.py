@@ -26,7 +26,7 @@ from remat.errors import RematError
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["Measurement", "MemoryTracker", "available_bytes", "measure"]
+__all__ = ["Measurement", "MemoryTracker", "available_bytes", "measure", "optimizer_step_bytes"]
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "saved", "other")
 
@@ -597,3 +597,63 @@ def _cgroup_left() -> int | None:
     if limit is None or usage is None or limit.strip() == "max":
         return None
     return max(0, int(limit) - int(usage))
+
+
+def optimizer_step_bytes(params_or_model: Any, spec: Any) -> int:
+    """Bytes the optimizer's ``step()`` allocates above the parameters, gradients and state, and frees before
+    it returns (the temporaries of torch's multi-tensor ``foreach`` updates): measured exactly by running a
+    copy of the optimizer, same class and parameter groups, on fake tensors of the parameters' shapes,
+    dtypes and devices (no memory), a first step to make its state and a second, tracked.
+
+    Note: [The optimizer's step] The step that trains is forward, backward and ``optimizer.step()``; after
+    backward the activations are gone, but the parameters, the gradients, the state, what the loop still
+    holds (its output) and the step's temporaries are live at once. A budget covers that moment too.
+
+    Returns 0 for no optimizer (or plain SGD without state); raises :class:`RematError` for an optimizer
+    the fake copy cannot step (name it by kind instead, e.g. ``optimizer="adamw"``).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from remat.runtime.optimizer import params_of, state_tensors, unwrap_optimizer
+
+    opt = unwrap_optimizer(spec)
+    params = params_of(params_or_model if params_or_model is not None else
+                     [p for g in getattr(opt, "param_groups", []) for p in g["params"]])
+    if opt is None or not params:
+        return 0
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fakes = {id(p): mode.from_tensor(p.detach()).requires_grad_() for p in params}
+            grads = [torch.zeros_like(f) for f in fakes.values()]
+            for f, g in zip(fakes.values(), grads):
+                f.grad = g
+            clone = _clone(opt, fakes)
+            clone.step()
+            tracker = MemoryTracker()
+            tracker.track([*fakes.values(), *grads])
+            tracker.track(state_tensors(clone), "optimizer")
+            start = tracker.live_bytes
+            with tracker:
+                clone.step()
+            return max(0, tracker.peak_bytes - start)
+    except Exception as e:
+        raise RematError(
+            f"remat: cannot measure the step of {opt if isinstance(opt, str) else type(opt).__name__} on a fake"
+            f" copy of the parameters ({type(e).__name__}: {e}); pass optimizer= as a name ('adamw', 'adam',"
+            " 'sgd-momentum') to count its state and step like that optimizer's"
+        ) from e
+
+
+def _clone(opt: Any, fakes: dict[int, Any]) -> Any:
+    """The optimizer ``opt`` (or the one a name stands for) over the fake parameters, with its groups' options."""
+    if isinstance(opt, str):
+        name = opt.lower()
+        cls, options = {"adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {}),
+                        "sgd-momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+                        "sgd": (torch.optim.SGD, {"lr": 0.1})}.get(name, (None, {}))
+        if cls is None:
+            raise RematError(f"remat: unknown optimizer {opt!r}")
+        return cls(list(fakes.values()), **options)
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [fakes[id(p)] for p in g["params"] if id(p) in fakes]} for g in opt.param_groups]
+    return type(opt)([g for g in groups if g["params"]])

@@ -50,7 +50,7 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def _params(params_or_model: Any) -> list[torch.Tensor]:
+def params_of(params_or_model: Any) -> list[torch.Tensor]:
     import torch
 
     if params_or_model is None:
@@ -188,7 +188,7 @@ def optimizer_state_bytes(params_or_model: Any, spec: Spec, *, device: Any = Non
         if name not in OPTIMIZERS:
             raise RematError(f"remat.optimizer_state_bytes: unknown optimizer {spec!r}; use an optimizer instance or"
                              f" one of {', '.join(OPTIMIZERS)}")
-        return sum(n for p in _params(params_or_model) for n, d in _predicted(p, OPTIMIZERS[name])
+        return sum(n for p in params_of(params_or_model) for n, d in _predicted(p, OPTIMIZERS[name])
                    if dev is None or d == dev)
     return _instance_state_bytes(params_or_model, spec, dev, missing_only)
 
@@ -200,7 +200,7 @@ def _instance_state_bytes(params_or_model: Any, optimizer: Any, dev: str | None,
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise RematError(f"remat.optimizer_state_bytes: expected a torch.optim.Optimizer or a name in"
                          f" {', '.join(OPTIMIZERS)}, got {type(optimizer).__name__}")
-    wanted = None if params_or_model is None else {id(p) for p in _params(params_or_model)}
+    wanted = None if params_or_model is None else {id(p) for p in params_of(params_or_model)}
     existing: list[torch.Tensor] = []
     predicted = 0
     kind = _kind_of(optimizer)
@@ -220,65 +220,3 @@ def _instance_state_bytes(params_or_model: Any, optimizer: Any, dev: str | None,
             predicted += sum(n for n, d in _predicted(p, {"kind": kind, **group}) if dev is None or d == dev)
     return predicted + (0 if missing_only else _storage_bytes(existing, dev))
 
-
-def optimizer_step_bytes(params_or_model: Any, spec: Spec) -> int:
-    """Bytes the optimizer's ``step()`` allocates above the parameters, gradients and state, and frees before
-    it returns (the temporaries of torch's multi-tensor ``foreach`` updates): measured exactly by running a
-    copy of the optimizer, same class and parameter groups, on fake tensors of the parameters' shapes,
-    dtypes and devices (no memory), a first step to make its state and a second, tracked.
-
-    Note: [The optimizer's step] The step that trains is forward, backward and ``optimizer.step()``; after
-    backward the activations are gone, but the parameters, the gradients, the state, what the loop still
-    holds (its output) and the step's temporaries are live at once. A budget covers that moment too.
-
-    Returns 0 for no optimizer (or plain SGD without state); raises :class:`RematError` for an optimizer
-    the fake copy cannot step (name it by kind instead, e.g. ``optimizer="adamw"``).
-    """
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from remat.runtime.measure import MemoryTracker
-
-    opt = unwrap_optimizer(spec)
-    params = _params(params_or_model if params_or_model is not None else
-                     [p for g in getattr(opt, "param_groups", []) for p in g["params"]])
-    if opt is None or not params:
-        return 0
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fakes = {id(p): mode.from_tensor(p.detach()).requires_grad_() for p in params}
-            grads = [torch.zeros_like(f) for f in fakes.values()]
-            for f, g in zip(fakes.values(), grads):
-                f.grad = g
-            clone = _clone(opt, fakes)
-            clone.step()
-            tracker = MemoryTracker()
-            tracker.track([*fakes.values(), *grads])
-            tracker.track(state_tensors(clone), "optimizer")
-            start = tracker.live_bytes
-            with tracker:
-                clone.step()
-            return max(0, tracker.peak_bytes - start)
-    except Exception as e:
-        raise RematError(
-            f"remat: cannot measure the step of {opt if isinstance(opt, str) else type(opt).__name__} on a fake"
-            f" copy of the parameters ({type(e).__name__}: {e}); pass optimizer= as a name ('adamw', 'adam',"
-            " 'sgd-momentum') to count its state and step like that optimizer's"
-        ) from e
-
-
-def _clone(opt: Any, fakes: dict[int, Any]) -> Any:
-    """The optimizer ``opt`` (or the one a name stands for) over the fake parameters, with its groups' options."""
-    import torch
-
-    if isinstance(opt, str):
-        name = opt.lower()
-        cls, options = {"adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {}),
-                        "sgd-momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-                        "sgd": (torch.optim.SGD, {"lr": 0.1})}.get(name, (None, {}))
-        if cls is None:
-            raise RematError(f"remat: unknown optimizer {opt!r}")
-        return cls(list(fakes.values()), **options)
-    groups = [{**{k: v for k, v in g.items() if k != "params"},
-               "params": [fakes[id(p)] for p in g["params"] if id(p) in fakes]} for g in opt.param_groups]
-    return type(opt)([g for g in groups if g["params"]])
