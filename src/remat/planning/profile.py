@@ -233,7 +233,7 @@ class Profile:
         after_backward_bytes: bytes the step allocates after backward, above ``base_bytes`` (the optimizer's
             step: its temporaries, while parameters, gradients, state and the held output are live); the
             step's peak is at least ``base_bytes`` plus this, whatever the plan (Note [The optimizer's
-            step] in :mod:`remat.runtime.optimizer`).
+            step] in :mod:`remat.runtime.measure`).
         safety_fraction: predicted activation peaks are raised by this share before they are checked
             against a budget. Profiles of real models set 0.002: the profile is exact for every plan
             shape it calibrates, but deep nesting can keep a few small tensors (normalisation
