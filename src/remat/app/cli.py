@@ -414,7 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,plan,profile}")
 
-    d = sub.add_parser("demo", help="the main job: measure the trade, then plan a GPT-2-style model")
+    d = sub.add_parser("demo", help="the main job: no checkpointing, sqrt(N), every layer and remat, measured")
     _debug_arg(d)
     d.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     d.add_argument("--plot", default="remat-frontier.png", help="where to write the frontier PNG (default %(default)s)")
