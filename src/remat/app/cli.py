@@ -236,6 +236,7 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
     """Build the model and profile it; its optimizer state per name (exact, in the parameters' dtype)
     goes into the profile's meta, so that a saved profile keeps it."""
     from remat.app import zoo
+    from remat.runtime.measure import optimizer_step_bytes
     from remat.runtime.optimizer import OPTIMIZERS, optimizer_state_bytes
     from remat.runtime.profiler import profile
 
@@ -246,13 +247,17 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
                          throughput=args.throughput, progress=sys.stderr.isatty() and not quiet,
                          repeats=args.repeats)
     state = {name: optimizer_state_bytes(built.model, name, device=args.device) for name in OPTIMIZERS}
+    # The step's temporaries (Note [The optimizer's step]); on meta, as on the GPU planned for (multi-tensor).
+    steps = {name: optimizer_step_bytes(built.model, name, foreach=True if args.device == "meta" else None)
+             for name in OPTIMIZERS}
     fsdp = getattr(args, "fsdp", None)
     if fsdp:  # one rank's share: FSDP2 over `fsdp` ranks (each block and the root sharded)
         from remat.runtime.distributed import fsdp_profile
 
         prof = fsdp_profile(prof, built.model, fsdp)
         state = {name: -(-v // fsdp) for name, v in state.items()}
-    prof = dataclasses.replace(prof, meta={**prof.meta, "optimizer_state_bytes": state})
+        steps = {name: -(-v // fsdp) for name, v in steps.items()}
+    prof = dataclasses.replace(prof, meta={**prof.meta, "optimizer_state_bytes": state, "optimizer_step_bytes": steps})
     where = (f"on meta (no memory used; times estimated for {args.throughput})" if args.device == "meta"
              else f"on {args.device}")
     desc = (f"{args.model}: {built.description}; {built.shapes}; profiled {where}"
@@ -266,8 +271,9 @@ def _load_profile(args: argparse.Namespace) -> tuple[Profile, str]:
 
 
 def _add_optimizer(prof: Profile, optimizer: str) -> Profile:
-    """The profile with ``optimizer``'s state as fixed memory: as recorded when profiling (exact, per dtype),
-    or, for a profile saved before that, from its gradients (one state tensor per gradient, same size)."""
+    """The profile with ``optimizer``'s state as fixed memory and its step's temporaries after backward: as
+    recorded when profiling (exact, per dtype), or, for a profile saved before that, from its gradients (one
+    state tensor per gradient, same size) and one copy of the parameters."""
     if optimizer == "none":
         return prof
     recorded = prof.meta.get("optimizer_state_bytes") or {}
@@ -276,7 +282,10 @@ def _add_optimizer(prof: Profile, optimizer: str) -> Profile:
     else:
         copies = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2}[optimizer]
         extra = copies * (prof.grads_bytes or prof.params_bytes)
-    return prof.with_extra_fixed(extra, f"{optimizer} state") if extra else prof
+    # The step's temporaries as recorded, else one copy of the parameters (a multi-tensor update's, at most).
+    step = (prof.meta.get("optimizer_step_bytes") or {}).get(optimizer, prof.params_bytes if extra else 0)
+    prof = prof.with_extra_fixed(extra, f"{optimizer} state") if extra else prof
+    return dataclasses.replace(prof, after_backward_bytes=int(step))
 
 
 def _print_report(prof: Profile, desc: str, plan: Any) -> None:

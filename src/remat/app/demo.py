@@ -1,10 +1,10 @@
 """``remat demo``: what activation checkpointing saves and costs on a GPT-2-style model, measured.
 
-One model whose activations dominate its memory (a GPT-2-style config over a long sequence), five ways to
+One model whose activations dominate its memory (a GPT-2-style config over a long sequence), six ways to
 run its training step: no checkpointing, √N segments, every layer checkpointed (Hugging Face's
-``gradient_checkpointing_enable``, the usual choice), and remat's optimal plan at every-layer's own
-measured peak and at a tighter budget. It prints as it goes: each row of the memory table as soon as its
-step is measured (exact peak by :func:`remat.measure`, gradients compared bit for bit with no
+``gradient_checkpointing_enable``, the usual choice), and remat's optimal plan at √N's and every-layer's
+own measured peaks and at the least peak any plan reaches. It prints as it goes: each row of the memory
+table as soon as its step is measured (exact peak by :func:`remat.measure`, gradients compared bit for bit with no
 checkpointing), then the step times: every way once per round, the order rotated each round (A B C, B C A,
 ...), medians with the range over the rounds, and remat's time against every-layer's as the median of the
 per-round ratios with their range. The headline says whether remat was faster, within noise or slower.

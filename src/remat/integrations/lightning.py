@@ -66,16 +66,11 @@ class Remat(Callback):
         target = inner_model(pl_module, self.module)
         device = next(iter(target.parameters())).device
         optimizer = _optimizer_of(trainer, target) if self.optimizer == "trainer" else self.optimizer
-        modes = [(m, m.training) for m in target.modules()]
-        target.train()
-        # The generators as they were: a DataLoader's iterator draws its base seed, and profiling runs dropout
+        # The generators as they were: a DataLoader's iterator draws its base seed, and profiling runs dropout.
+        # auto plans the training step whatever mode Lightning left the module in (modes restored after).
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            try:
-                inputs = _moved(_first_batch(self.example_inputs), device)
-                auto(target, inputs, budget=self.budget, optimizer=optimizer, **self.options)
-            finally:
-                for m, training in modes:
-                    m.training = training
+            inputs = _moved(_first_batch(self.example_inputs), device)
+            auto(target, inputs, budget=self.budget, optimizer=optimizer, **self.options)
         self.plan, self._planned = plan_of(target), target
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:

@@ -67,7 +67,7 @@ def auto(
             dtypes (:func:`remat.optimizer_state_bytes`).
         strategy: ``"auto"`` (optimal), or any name of :func:`remat.strategies`.
         stages, repeats, throughput, sizes: see :func:`remat.profile` (``repeats=0`` and a ``throughput``:
-            estimated times); no profiling run exceeds the budget or the device's free memory.
+            estimated times); no profiling run exceeds the budget or the free memory (but on a model already sharded).
         verify: True (default): run the planned step once (:func:`remat.measure`), the output held through
             backward; :class:`remat.VerificationError` if its peak, optimizer state included, exceeds the
             budget. ``"grads"``: also compare loss and gradients bit for bit with the plain model's.
@@ -223,20 +223,21 @@ def _compare_gradients(model: nn.Module, step: Step, cuda: bool) -> None:
             plain = _seeded_grads(model, step)
             with hf.users_cache(state.hf_state) if state is not None else contextlib.nullcontext(False) as other:
                 as_user = _seeded_grads(model, step) if other else None
-    what = _difference(planned, plain)
-    if what:
+    gap = _difference(planned, plain)
+    if gap:
         remove(model)
         raise VerificationError(
-            f"remat.auto: the planned step's {what} from the plain model's: recomputing the blocks is not bit-exact"
-            " for this model; the plan was removed. Train without verify='grads' if a difference of this size is"
-            " acceptable (transformers' own checkpointing recomputes the same way), or report the model to remat"
+            f"remat.auto: the planned step's {gap} differ from the plain model's: recomputing the blocks is not"
+            " bit-exact for this model; the plan was removed. Train without verify='grads' if a difference of this"
+            " size is acceptable (transformers' own checkpointing recomputes the same way), or report the model"
         )
     log.info("remat.auto: checked: loss and %d gradients bitwise equal to the plain model's", len(plain[1]))
-    if as_user is not None and _difference(planned, as_user):
+    user_gap = _difference(planned, as_user) if as_user is not None else ""
+    if user_gap:
         log.warning(
-            "remat.auto: with the model's own use_cache=True, the plain step's %s from the planned one's; without"
-            " the cache (as remat and transformers' own checkpointing train it) they are bitwise equal: transformers"
-            " computes another way when its cache is on", _difference(planned, as_user).replace("differ", "differs"))
+            "remat.auto: with the model's own use_cache=True, the plain step's %s differ from the planned one's;"
+            " without the cache (as remat and transformers' own checkpointing train it) they are bitwise equal:"
+            " transformers computes another way when its cache is on", user_gap)
 
 
 Grads = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
@@ -251,19 +252,19 @@ def _seeded_grads(model: nn.Module, step: Step) -> Grads:
 
 
 def _difference(a: Grads, b: Grads) -> str:
-    """How two runs' loss and gradients differ, in words (empty when bitwise equal)."""
+    """How two runs' loss and gradients differ, in words ("" when bitwise equal)."""
     (la, ga), (lb, gb) = a, b
     diffs = [n for n, g in gb.items() if not _same(g, ga[n])]
-    if not diffs and torch.equal(la, lb):
-        return ""
-    worst = (float("nan"), "a gradient present in one run only")
-    for n in diffs:
-        x, y = ga[n], gb[n]
-        if x is not None and y is not None and not (worst[0] >= (gap := (x - y).abs().max().item())):
-            worst = (gap, n)
-    return (f"loss ({la.item():.9g} vs {lb.item():.9g}) and {len(diffs)} of {len(gb)} gradients"
-            f" ({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''}; at most {worst[0]:.3g} apart, in"
-            f" {worst[1]}) differ" if diffs else f"loss differs ({la.item():.9g} vs {lb.item():.9g}), gradients not")
+    parts = [] if torch.equal(la, lb) else [f"loss ({la.item():.9g} vs {lb.item():.9g})"]
+    if diffs:
+        worst = (float("nan"), "a gradient present in one run only")
+        for n in diffs:
+            x, y = ga[n], gb[n]
+            if x is not None and y is not None and not (worst[0] >= (gap := (x - y).abs().max().item())):
+                worst = (gap, n)
+        parts.append(f"{len(diffs)} of {len(gb)} gradients ({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''};"
+                     f" at most {worst[0]:.3g} apart, in {worst[1]})")
+    return " and ".join(parts)
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -37,10 +37,11 @@ class _Applied:
 
 
 class _InputCheck:
-    """Root pre-hook: a recording call with larger inputs (or other dtypes) than planned is refused."""
+    """Root pre-hook: a recording call under another autocast than planned, or (``inputs``) with larger inputs
+    (or other dtypes) than planned, is refused."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+    def __init__(self, plan: Plan, inputs: bool = True) -> None:
+        self.plan, self.inputs = plan, inputs  # inputs False: only the autocast is checked
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():
@@ -49,7 +50,7 @@ class _InputCheck:
         if state is not None and state.runner.suspended:
             return
         _check_autocast(module, self.plan)
-        if not self.plan.input_shapes:
+        if not self.inputs or not self.plan.input_shapes:
             return
         what = describe_input_mismatch(input_shapes(args, kwargs), [list(s) for s in self.plan.input_shapes])
         if what:
@@ -164,8 +165,7 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True, check_mode
     target = unwrap(model)  # DistributedDataParallel calls the model it wraps: the plan goes there
     hf_state = hf.prepare(target, "remat.apply")
     runner = Runner(target, blocks, plan.items, plan.stage_names).install()
-    if check_inputs:
-        target.register_forward_pre_hook(_InputCheck(plan), with_kwargs=True, prepend=True)
+    target.register_forward_pre_hook(_InputCheck(plan, check_inputs), with_kwargs=True, prepend=True)
     object.__setattr__(target, _STATE, _Applied(plan, runner, hf_state))
     return model
 

@@ -44,6 +44,9 @@ __all__ = ["MIRROR_TENSOR_BYTES", "MIRROR_TOTAL_BYTES", "FallbackFakeMode"]
 MIRROR_TENSOR_BYTES = 1 << 20
 #: The most bytes of values the mirror holds at once.
 MIRROR_TOTAL_BYTES = 64 << 20
+#: The most bytes an op run on the device may allocate for its inputs and outputs (zeros of the fakes'
+#: layouts and what it returns): past that the op is refused as before, and the profiler says so.
+FALLBACK_BYTES = 256 << 20
 
 
 class FallbackFakeMode(FakeTensorMode):
@@ -117,10 +120,19 @@ class FallbackFakeMode(FakeTensorMode):
         """Run ``func`` on the device (Note [Falling back per op]); re-raise ``error`` where it cannot."""
         flat, spec = pytree.tree_flatten((args, kwargs))
         known = all(self.value(a) is not None for a in flat if isinstance(a, torch.Tensor))
-        if (values_only and not known) or torch.Tag.inplace_view in func.tags:
+        size = sum(a.numel() * a.element_size() for a in flat if isinstance(a, torch.Tensor))
+        if (values_only and not known) or torch.Tag.inplace_view in func.tags or 2 * size > FALLBACK_BYTES:
             raise error
+        written = {id(w) for w in _written(func, args, kwargs)}
         with no_dispatch():
             real = [self._real(a, zeros=True) for a in flat]
+            # Never write the real model's or the inputs' values: an op that writes a borrowed tensor writes a
+            # copy, and the fake's values are stale from then on.
+            for i, a in enumerate(flat):
+                if id(a) in written and isinstance(real[i], torch.Tensor) and self._owned(a) is None:
+                    real[i] = real[i].clone()
+                    if self.is_our_fake(a):
+                        self._stale[a.untyped_storage()] = True
             r_args, r_kwargs = pytree.tree_unflatten(real, spec)
             try:
                 with _rng_kept(func):

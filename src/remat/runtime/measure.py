@@ -10,6 +10,7 @@ remat plans models larger than the machine. On CUDA the allocator's own figures 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 import weakref
@@ -25,6 +26,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from remat.errors import RematError
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
+
+log = logging.getLogger("remat")
 
 __all__ = ["Measurement", "MemoryTracker", "available_bytes", "measure", "optimizer_step_bytes"]
 
@@ -599,7 +602,7 @@ def _cgroup_left() -> int | None:
     return max(0, int(limit) - int(usage))
 
 
-def optimizer_step_bytes(params_or_model: Any, spec: Any) -> int:
+def optimizer_step_bytes(params_or_model: Any, spec: Any, *, foreach: bool | None = None) -> int:
     """Bytes the optimizer's ``step()`` allocates above the parameters, gradients and state, and frees before
     it returns (the temporaries of torch's multi-tensor ``foreach`` updates): measured exactly by running a
     copy of the optimizer, same class and parameter groups, on fake tensors of the parameters' shapes,
@@ -609,14 +612,18 @@ def optimizer_step_bytes(params_or_model: Any, spec: Any) -> int:
     backward the activations are gone, but the parameters, the gradients, the state, what the loop still
     holds (its output) and the step's temporaries are live at once. A budget covers that moment too.
 
-    Returns 0 for no optimizer (or plain SGD without state); raises :class:`RematError` for an optimizer
-    the fake copy cannot step (name it by kind instead, e.g. ``optimizer="adamw"``).
+    ``foreach``: the path the real step takes where its groups leave it to torch; default: torch's choice for
+    these parameters (on ``meta``, give the target device's: ``True`` for CUDA). Returns 0 for no optimizer
+    (or plain SGD without state). An optimizer whose step does not run on fake tensors is charged one copy
+    of the parameters, with a warning.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from remat.runtime.optimizer import params_of, state_tensors, unwrap_optimizer
 
     opt = unwrap_optimizer(spec)
+    if isinstance(opt, str) and opt.lower() in ("none", "sgd"):
+        return 0  # no state, one fused update per parameter in place
     params = params_of(params_or_model if params_or_model is not None else
                      [p for g in getattr(opt, "param_groups", []) for p in g["params"]])
     if opt is None or not params:
@@ -627,7 +634,7 @@ def optimizer_step_bytes(params_or_model: Any, spec: Any) -> int:
             grads = [torch.zeros_like(f) for f in fakes.values()]
             for f, g in zip(fakes.values(), grads):
                 f.grad = g
-            clone = _clone(opt, fakes)
+            clone = _clone(opt, fakes, _foreach_as_real(params) if foreach is None else foreach)
             clone.step()
             tracker = MemoryTracker()
             tracker.track([*fakes.values(), *grads])
@@ -636,16 +643,28 @@ def optimizer_step_bytes(params_or_model: Any, spec: Any) -> int:
             with tracker:
                 clone.step()
             return max(0, tracker.peak_bytes - start)
-    except Exception as e:
-        raise RematError(
-            f"remat: cannot measure the step of {opt if isinstance(opt, str) else type(opt).__name__} on a fake"
-            f" copy of the parameters ({type(e).__name__}: {e}); pass optimizer= as a name ('adamw', 'adam',"
-            " 'sgd-momentum') to count its state and step like that optimizer's"
-        ) from e
+    except RematError:
+        raise
+    except Exception as e:  # a step that reads values (Adafactor's RMS), a kernel fakes lack: the safe side
+        whole = sum(p.untyped_storage().nbytes() for p in params)
+        log.warning("remat: the step of %s does not run on a fake copy of the parameters (%s: %s); its temporaries"
+                    " are counted as one copy of the parameters (%d B)",
+                    opt if isinstance(opt, str) else type(opt).__name__, type(e).__name__, str(e)[:120], whole)
+        return whole
 
 
-def _clone(opt: Any, fakes: dict[int, Any]) -> Any:
-    """The optimizer ``opt`` (or the one a name stands for) over the fake parameters, with its groups' options."""
+def _foreach_as_real(params: list[torch.Tensor]) -> bool:
+    """Whether torch's optimizers take their multi-tensor path on these (real) parameters by default. A fake
+    tensor is not of an exact tensor type, so a copy on fakes would take the one-tensor path (smaller
+    temporaries): the copy is told which path the real step takes (CUDA: multi-tensor; CPU: one tensor)."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    return bool(_default_to_fused_or_foreach(params, False, False)[1])
+
+
+def _clone(opt: Any, fakes: dict[int, Any], foreach: bool) -> Any:
+    """The optimizer ``opt`` (or the one a name stands for) over the fake parameters, with its groups' options;
+    a group that leaves ``foreach`` to torch gets the path the real step takes."""
     if isinstance(opt, str):
         name = opt.lower()
         cls, options = {"adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {}),
@@ -653,7 +672,10 @@ def _clone(opt: Any, fakes: dict[int, Any]) -> Any:
                         "sgd": (torch.optim.SGD, {"lr": 0.1})}.get(name, (None, {}))
         if cls is None:
             raise RematError(f"remat: unknown optimizer {opt!r}")
-        return cls(list(fakes.values()), **options)
+        return cls(list(fakes.values()), **options, foreach=foreach)
     groups = [{**{k: v for k, v in g.items() if k != "params"},
                "params": [fakes[id(p)] for p in g["params"] if id(p) in fakes]} for g in opt.param_groups]
+    for g in groups:
+        if "foreach" in g and g["foreach"] is None and not g.get("fused"):
+            g["foreach"] = foreach
     return type(opt)([g for g in groups if g["params"]])

@@ -566,8 +566,8 @@ def _every_on_device(real: _Step, step: _Step, limit: int | None) -> int | None:
         try:
             # The run's peak over all its windows (the timeline resets the tracker's peak at each boundary).
             peak = Run(real.run("every", tracker, cuda=real.device_type() == "cuda"), len(real.names)).peak
-        except Exception:
-            if not tracker.over:
+        except Exception as e:
+            if not tracker.over and not isinstance(e, torch.OutOfMemoryError):
                 raise
             log.info("remat.profile: the every-block plan passed the limit on the device; its peak is the fake copy's")
             return None

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,7 +200,7 @@ class Runner:
         self.items = tuple(items)
         self.names = tuple(names)
         self.suspended = False
-        self.cache_was: bool | None = None  # autocast's cache flag while the root forward runs (Rule 9)
+        self.cache_was: dict[int, bool] = {}  # per thread: autocast's cache flag before the root forward (Rule 9)
         self.previous: Runner | None = None
         self.frames: list[_Frame] = []
         self.norms = {k: _norms(mod) for k, mod in blocks.items()}
@@ -228,7 +229,7 @@ class Runner:
 
     def __getstate__(self) -> dict[str, Any]:
         # Frames hold generators (a step in flight); a copy or a pickle starts between steps.
-        return {**self.__dict__, "frames": []}
+        return {**self.__dict__, "frames": [], "cache_was": {}}
 
     @property
     def active(self) -> bool:
@@ -280,15 +281,15 @@ class Runner:
 
     def before_model(self) -> None:
         self.reset()  # a forward that raised midway left nothing behind
-        if self.active:  # Rule 9
-            self.cache_was = torch.is_autocast_cache_enabled()
+        if self.active:  # Rule 9; the flag is per thread, and so is what is restored
+            self.cache_was[threading.get_ident()] = torch.is_autocast_cache_enabled()
             torch.set_autocast_cache_enabled(False)
 
     def after_model(self) -> None:
         """Root forward returned (or raised): no region may stay open (Rule 6); autocast's cache back (Rule 9)."""
-        if self.cache_was is not None:
-            torch.set_autocast_cache_enabled(self.cache_was)
-            self.cache_was = None
+        was = self.cache_was.pop(threading.get_ident(), None)
+        if was is not None:
+            torch.set_autocast_cache_enabled(was)
         open_frames = [f for f in self.frames if f.first_pass]
         if not open_frames:
             return

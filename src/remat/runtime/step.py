@@ -122,11 +122,6 @@ class Step:
         args, kwargs = as_call(example_inputs)
         return cls(model, args, kwargs, loss_function(loss_fn), autocast)
 
-    def replace(self, **changes: Any) -> Step:
-        import dataclasses
-
-        return dataclasses.replace(self, **changes)
-
     @property
     def inputs(self) -> list[torch.Tensor]:
         return tensors_in((self.args, self.kwargs))
