@@ -248,10 +248,37 @@ def test_peft_lora_model_is_planned_through_its_wrappers(task_type):
     assert m.peak_bytes <= plan.budget_bytes < plain_peak
 
 
+def test_peft_lora_on_a_llama_config_is_planned_through_its_wrappers():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                             lora_dropout=0.1, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(tiny("llama"), config)
+    plain = copy.deepcopy(model)
+    batch = {"input_ids": token_ids()[:BATCH], "labels": token_ids()[:BATCH], "use_cache": False}
+    remat.auto(model, batch, budget="70%")
+    plan = remat.plan_of(model)
+    assert plan.stage_names[1:5] == tuple(f"base_model.model.model.layers.{i}" for i in range(4))
+
+    def step(m):
+        for p in m.parameters():
+            p.grad = None
+        torch.manual_seed(0)
+        m(**batch).loss.backward()
+        return grads_of(m)
+
+    got, want = step(model), step(plain)
+    assert want and all("lora_" in n for n in want)
+    assert_same_grads(got, want)
+    m = remat.measure(lambda: step(model), model=model, inputs=[batch["input_ids"]], repeats=0)
+    plain_peak = remat.measure(lambda: step(plain), model=plain, inputs=[batch["input_ids"]], repeats=0).peak_bytes
+    assert m.peak_bytes <= plan.budget_bytes < plain_peak
+
+
 # ---- accelerate -------------------------------------------------------------------------------------------
 
 
-def test_accelerate_prepared_model_and_optimizer():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_accelerate_prepared_model_and_optimizer(arch):
     accelerate = pytest.importorskip("accelerate")
     from accelerate.optimizer import AcceleratedOptimizer
 
@@ -259,7 +286,7 @@ def test_accelerate_prepared_model_and_optimizer():
     runs = {}
     for planned in (False, True):
         accelerator = accelerate.Accelerator(cpu=True)
-        model = tiny("gpt2")
+        model = tiny(arch)
         model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
         assert isinstance(opt, AcceleratedOptimizer)
         if planned:
@@ -339,17 +366,18 @@ def _fit(L, module, callbacks):
     return watch, loader
 
 
-def test_lightning_callback_plans_the_model_training_step_calls():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lightning_callback_plans_the_model_training_step_calls(arch):
     from remat.integrations.lightning import Remat
 
-    L, module = _lightning_module()
+    L, module = _lightning_module(arch)
     plain = copy.deepcopy(module)
     callback = Remat(torch.utils.data.DataLoader([batch_of(i) for i in token_ids()], batch_size=BATCH),
                      budget="70%")
     watch, _ = _fit(L, module, [callback])
     want, _ = _fit(L, plain, [])
     plan = callback.plan
-    assert plan is not None and plan.stage_names[1] == "transformer.h.0"
+    assert plan is not None and plan.stage_names[1] == {"gpt2": "transformer.h.0", "llama": "model.layers.0"}[arch]
     assert plan.prediction.fixed_bytes >= state_floor(module.model)  # AdamW from configure_optimizers counted
     with pytest.raises(remat.PlanError, match="no plan is applied"):  # removed when fit ended
         remat.plan_of(module.model)
