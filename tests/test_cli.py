@@ -336,8 +336,18 @@ def test_optimizer_state_is_counted_in_the_parameters_dtype(tmp_path, capsys, de
     assert state["adamw"] == state["adam"] == 2 * prof.params_bytes + counters
     assert state["sgd-momentum"] == prof.params_bytes and state["sgd"] == state["none"] == 0
     assert state["adamw"] == optimizer_state_bytes(model, "adamw", device=device)
+    # The step's temporaries (Note [The optimizer's step]): on meta as a GPU's multi-tensor AdamW makes them.
+    from remat.runtime.measure import optimizer_step_bytes
+
+    steps = prof.meta["optimizer_step_bytes"]
+    assert steps["adamw"] == optimizer_step_bytes(model, "adamw", foreach=True if device == "meta" else None) > 0
+    assert steps["sgd"] == steps["none"] == 0
     capsys.readouterr()
-    assert cli.main(["plan", "--profile", str(out), "--budget", "0.99", "--optimizer", "adamw"]) == 0
+    # A share near 1 is infeasible here: on one sequence of 32 tokens the optimizer's step, not the activations,
+    # sets the peak (parameters, gradients, state and the step's temporaries at once).
+    assert cli.main(["plan", "--profile", str(out), "--budget", "0.99", "--optimizer", "adamw"]) == 2
+    assert "smallest feasible peak" in capsys.readouterr().err
+    assert cli.main(["plan", "--profile", str(out), "--budget", "1GiB", "--optimizer", "adamw"]) == 0
     assert f"adamw state {remat.format_bytes(state['adamw'])}" in capsys.readouterr().out
 
 
