@@ -176,6 +176,15 @@ def test_timed_runs_are_not_preceded_by_handing_memory_back(monkeypatch):
     assert "trim" in log[last:], "memory is handed back once timing is over"
 
 
+def _every_layer_peak(model, inputs):
+    """The measured peak of Hugging Face's own every-layer checkpointing (non-reentrant) on this step."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        return remat.measure(_step(model, inputs), model=model, inputs=_inputs(inputs), repeats=0).peak_bytes
+    finally:
+        model.activation_checkpointing_disable()
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_a_budget_at_hugging_face_every_layer_peak_plans_that_schedule_or_better(name):
     """Filed: at the exact peak of Hugging Face's every-layer checkpointing, remat refused that very
@@ -183,11 +192,7 @@ def test_a_budget_at_hugging_face_every_layer_peak_plans_that_schedule_or_better
     to calibrate recomputation: its measured peak is charged, with no margin."""
     model, inputs = hf(name, 4, 64)
     tensors = _inputs(inputs)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        hf_peak = remat.measure(_step(model, inputs), model=model, inputs=tensors, repeats=0).peak_bytes
-    finally:
-        model.activation_checkpointing_disable()
+    hf_peak = _every_layer_peak(model, inputs)
     prof = remat.profile(model, inputs, repeats=1)
     every = solve(prof, None, strategy="every")
     assert every.peak_bytes >= hf_peak  # never under
@@ -227,11 +232,7 @@ def test_auto_with_default_sizes_at_hugging_face_every_layer_peak_plans_that_sch
     measured peak is charged, so it plans it (or a plan as fast)."""
     model, inputs = hf(name, 4, 64)
     tensors = _inputs(inputs)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        hf_peak = remat.measure(_step(model, inputs), model=model, inputs=tensors, repeats=0).peak_bytes
-    finally:
-        model.activation_checkpointing_disable()
+    hf_peak = _every_layer_peak(model, inputs)
     remat.auto(model, inputs, budget=hf_peak, repeats=1)
     plan = remat.plan_of(model)
     prof = remat.profile(model, inputs, repeats=1, limit_bytes=hf_peak)

@@ -26,7 +26,7 @@ import gc
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -413,42 +413,34 @@ def _check_accounting(prof: Profile) -> Profile:
 
 
 @dataclass
-class _Step:
-    """One training step of a model, and the blocks whose boundaries are watched."""
+class _Step(Step):
+    """One training step of a model (:class:`remat.runtime.step.Step`), and the blocks whose boundaries are
+    watched."""
 
-    model: nn.Module
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    get_loss: Callable[[Any], torch.Tensor]
-    names: list[str]
-    blocks: list[nn.Module]
-    how: str
-    autocast: Autocast | None = None
+    names: list[str] = field(default_factory=list)
+    blocks: list[nn.Module] = field(default_factory=list)
+    how: str = ""
     real: bool = True  # False on a fake copy: nothing is allocated, so nothing to hand back between runs
 
     @classmethod
-    def of(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+    def of(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],  # type: ignore[override]
            loss_fn: Callable[[Any], torch.Tensor] | None, autocast: Autocast | None,
            stages: Sequence[str] | None) -> _Step:
         pairs, how = find_stages(model, stages, inputs=(args, kwargs))
-        return cls(model, args, kwargs, loss_function(loss_fn), [n for n, _ in pairs], [m for _, m in pairs], how,
-                   autocast)
-
-    def step(self) -> Step:
-        return Step(self.model, self.args, self.kwargs, self.get_loss, self.autocast)
+        return cls(model, args, kwargs, loss_function(loss_fn), autocast, names=[n for n, _ in pairs],
+                   blocks=[m for _, m in pairs], how=how)
 
     def train(self, tl: Timeline) -> None:
         # The output is held through backward, as in `out = model(x); loss_fn(out).backward()`: the
         # logits of a language model stay live, so the plan holds for loops that keep them.
-        step = self.step()
         tl.mark("start")
-        out, loss = step.forward()
-        step.backward(loss)
+        out, loss = self.forward()
+        self.backward(loss)
         tl.mark("end")
         del out, loss
 
     def nograd(self, tl: Timeline) -> None:
-        with self.step().nograd_context():
+        with self.nograd_context():
             tl.mark("start")
             self.model(*self.args, **self.kwargs)
             tl.mark("end")
