@@ -123,6 +123,11 @@ class Stage:
             own region); None: ``fwd_s``, one more forward.
         options: ways to run the block in its own checkpoint with a selective policy (blocks only; see
             :class:`BlockOption`); empty when not profiled.
+        side_bytes: bytes of the tensors the stage outputs besides its output ``x_{i+1}`` that later
+            stages read (a U-Net's skip connection, an encoder output every decoder block reads, T5's
+            position bias): live from the stage's forward until its backward whatever the plan does,
+            never part of ``xbar_bytes`` (docs/cost-model.md, long-lived tensors).
+        side_grad_bytes: bytes of their gradients (0 when they do not require grad), charged likewise.
     """
 
     name: str
@@ -145,6 +150,14 @@ class Stage:
     recompute_copy_bytes: int = 0
     fwd_region_s: float | None = None
     options: tuple[BlockOption, ...] = ()
+    side_bytes: int = 0
+    side_grad_bytes: int = 0
+
+    @property
+    def side(self) -> int:
+        """Bytes of the stage's long-lived side tensors and their gradients, held from its forward to its
+        backward."""
+        return self.side_bytes + self.side_grad_bytes
 
     @property
     def region_s(self) -> float:
@@ -175,6 +188,8 @@ class Stage:
             "recompute_bwd_extra_bytes",
             "recompute_hold_bytes",
             "recompute_copy_bytes",
+            "side_bytes",
+            "side_grad_bytes",
         ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -285,17 +300,22 @@ class Profile:
         names: Sequence[str] | None = None,
         checkpointable: Sequence[bool] | None = None,
         kinds: Sequence[str] | None = None,
+        side_bytes: Sequence[int] | None = None,
+        side_grad_bytes: Sequence[int] | None = None,
     ) -> Profile:
         """Build a chain from lists of numbers, one entry per stage; the last stage is the head.
 
         ``kinds`` gives each stage's kind (default: blocks, then the head); only blocks are checkpointable.
+        ``side_bytes`` and ``side_grad_bytes``: each stage's long-lived side tensors and their gradients
+        (default none).
 
         >>> p = Profile.from_lists([100, 100, 100], [200, 200, 0], [1.0, 1.0, 0.5], [2.0, 2.0, 1.0])
         >>> len(p), p.stages[-1].kind
         (3, 'head')
         """
         n = len(x_bytes)
-        lists = {"xbar_bytes": xbar_bytes, "fwd_s": fwd_s, "bwd_s": bwd_s}
+        lists = {"xbar_bytes": xbar_bytes, "fwd_s": fwd_s, "bwd_s": bwd_s, "side_bytes": side_bytes or [0] * n,
+                 "side_grad_bytes": side_grad_bytes or [0] * n}
         for label, seq in lists.items():
             if len(seq) != n:
                 raise ProfileError(f"Profile.from_lists: {label} has {len(seq)} entries, x_bytes has {n}")
@@ -303,6 +323,7 @@ class Profile:
         of = list(fwd_transient_bytes or zeros)
         ofn = list(fwd_nograd_transient_bytes or zeros)
         ob = list(bwd_transient_bytes or zeros)
+        side, side_grad = list(side_bytes or zeros), list(side_grad_bytes or zeros)
         names = list(names) if names is not None else [f"stage{i}" for i in range(n)]
         ck = list(checkpointable) if checkpointable is not None else [True] * n
         kind = list(kinds) if kinds is not None else ["block"] * (n - 1) + ["head"]
@@ -320,6 +341,8 @@ class Profile:
                 bwd_transient_bytes=int(ob[i]),
                 kind=kind[i],
                 checkpointable=ck[i] and i != n - 1 and kind[i] == "block",
+                side_bytes=int(side[i]),
+                side_grad_bytes=int(side_grad[i]),
             )
             for i in range(n)
         )
