@@ -226,6 +226,10 @@ class Plan:
             before kinds were recorded: ``<prologue>`` and ``<head>`` by name, every other stage a block.
         autocast: the autocast the planned step runs under (``"cpu:bfloat16"``), empty for none;
             :func:`remat.apply` refuses a recording call under another.
+        head_chunks: how the head runs: None, as the model has it (untouched); 0, whole (the model's
+            own head); n, the output projection and the loss over n checkpointed chunks of tokens, which
+            :func:`remat.apply` installs (Note [Chunked head] in :mod:`remat.runtime.head`: the model then
+            returns its loss and ``logits=None``).
 
     Plans are made by :func:`remat.solve` (and :func:`remat.frontier`); :meth:`validate` checks one made
     or edited by hand.
@@ -241,6 +245,7 @@ class Plan:
     input_shapes: tuple[Any, ...] = ()
     stage_kinds: tuple[str, ...] = ()
     autocast: str = ""
+    head_chunks: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", frozen(self.input_shapes))
@@ -280,6 +285,8 @@ class Plan:
                 acts[it.start] = "checkpoint"
                 for k in range(it.start + 1, it.stop):
                     acts[k] = "recompute"
+        if self.head_chunks is not None and self.stage_kinds and self.stage_kinds[-1] == "head":
+            acts[-1] = f"chunked x{self.head_chunks}" if self.head_chunks else "whole"
         return acts
 
     # ---- checking ------------------------------------------------------------------------------
@@ -300,6 +307,7 @@ class Plan:
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        head = {} if self.head_chunks is None else {"head_chunks": self.head_chunks}
         return {
             "format": PLAN_FORMAT,
             "strategy": self.strategy,
@@ -312,6 +320,7 @@ class Plan:
             "autocast": self.autocast,
             "items": [it.to_dict() for it in self.items],
             "prediction": self.prediction.to_dict(),
+            **head,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -348,10 +357,11 @@ class Plan:
     def summary(self) -> str:
         p = self.prediction
         budget = format_bytes(self.budget_bytes) if self.budget_bytes is not None else "none"
+        head = "" if not self.head_chunks else f"; head in {self.head_chunks} chunks (logits not returned)"
         return (
             f"remat plan '{self.strategy}': predicted peak {format_bytes(p.peak_bytes)} (budget {budget}),"
             f" step {format_seconds(p.time_s)} = fwd {format_seconds(p.fwd_s)} + bwd {format_seconds(p.bwd_s)}"
-            f" + recompute {format_seconds(p.recompute_s)} (+{100 * p.overhead:.1f}%)"
+            f" + recompute {format_seconds(p.recompute_s)} (+{100 * p.overhead:.1f}%){head}"
         )
 
     def __str__(self) -> str:
@@ -361,7 +371,8 @@ class Plan:
             [i, name, acts[i], p.forwards[i] - 1, format_bytes(p.held_bytes[i])]
             for i, name in enumerate(self.stage_names)
         ]
-        rows.append(["", "total", f"{sum(a != 'keep' for a in acts)} checkpointed",
+        blocks = acts[:-1] if self.head_chunks is not None else acts  # the head's own action is not a block's
+        rows.append(["", "total", f"{sum(a != 'keep' for a in blocks)} checkpointed",
                      sum(p.forwards) - len(p.forwards), format_bytes(sum(p.held_bytes))])
         table = render_table(["#", "stage", "action", "recomputed", "held after fwd"], rows)
         return (
@@ -391,6 +402,10 @@ def _check_fields(plan: Plan) -> None:
     for i, kind in enumerate(kinds):
         need(kind in STAGE_KINDS, f"stage {i} ({names[i]}) has kind {kind!r}; expected one of {STAGE_KINDS}")
     need(isinstance(plan.items, tuple), f"items must be a tuple, not {type(plan.items).__name__}")
+    c = plan.head_chunks
+    need(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 0),
+         f"head_chunks={c!r} must be None (the model's head) or an int >= 0 (0: whole; n: n chunks)")
+    need(c is None or kinds[-1] == "head", f"head_chunks={c!r} but the last stage ({names[-1]}) is not the head")
     p = plan.prediction
     need(isinstance(p, Prediction), f"prediction={p!r} must be a remat.Prediction")
     for key in ("forwards", "held_bytes"):
@@ -403,7 +418,7 @@ def _check_fields(plan: Plan) -> None:
 # PlanError naming the key or the item, never a KeyError or a TypeError from deep inside a planner.
 
 _PLAN_KEYS = ("format", "strategy", "budget_bytes", "stage_names", "items", "prediction")
-_PLAN_OPTIONAL = ("fingerprint", "options", "input_shapes", "stage_kinds", "autocast")
+_PLAN_OPTIONAL = ("fingerprint", "options", "input_shapes", "stage_kinds", "autocast", "head_chunks")
 _PREDICTION_KEYS = ("peak_bytes", "fwd_s", "bwd_s", "recompute_s", "forwards", "held_bytes", "fixed_bytes")
 _ITEM_KEYS = {"record": ("op", "stage"), "region": ("op", "start", "stop", "body"),
               "selective": ("op", "stage", "option", "save")}
@@ -510,4 +525,5 @@ def _plan_from_dict(d: Any) -> Plan:
         input_shapes=tuple(_list(d.get("input_shapes", []), "input_shapes")),
         stage_kinds=_strings(d.get("stage_kinds", []), "stage_kinds"),
         autocast=d.get("autocast", ""),
+        head_chunks=None if d.get("head_chunks") is None else _int(d["head_chunks"], "head_chunks", minimum=0),
     )

@@ -16,7 +16,7 @@ from remat.errors import PlanError, ProfileError
 from remat.planning.table import render_table
 from remat.units import format_bytes, format_seconds
 
-__all__ = ["STAGE_KINDS", "BlockOption", "Profile", "Stage", "frozen"]
+__all__ = ["STAGE_KINDS", "BlockOption", "HeadOption", "Profile", "Stage", "frozen"]
 
 #: What a stage is: what runs before the first block, a block, code the model runs between two blocks
 #: (measured as a stage of its own, never checkpointed), or what runs after the last block (loss included).
@@ -227,6 +227,36 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class HeadOption:
+    """Another way to run the head: the output projection and the loss over ``chunks`` chunks of tokens,
+    each chunk checkpointed, so that its logits are recomputed in backward and no more than one chunk's
+    logits are live (Note [Chunked head] in :mod:`remat.runtime.head`).
+
+    Attributes:
+        chunks: how many chunks of tokens (1 or more).
+        head: the head stage's figures, measured with the head run that way (kind ``"head"``).
+        residual_bytes: the profile's ``head_residual_bytes`` with the head run that way (the output a
+            loop holds through backward no longer holds the logits).
+    """
+
+    chunks: int
+    head: Stage
+    residual_bytes: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.head, dict):  # read from JSON
+            object.__setattr__(self, "head", Stage(**self.head))
+        c = self.chunks
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ProfileError(f"HeadOption: chunks={c!r} must be an int of 1 or more")
+        if not isinstance(self.head, Stage) or self.head.kind != "head":
+            raise ProfileError(f"HeadOption (chunks {c}): head={self.head!r} must be a Stage of kind 'head'")
+        r = self.residual_bytes
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ProfileError(f"HeadOption (chunks {c}): residual_bytes={r!r} must be a non-negative int of bytes")
+
+
+@dataclass(frozen=True)
 class Profile:
     """A model as a chain of stages ``F_0 … F_L``; the last stage is the head (loss included).
 
@@ -257,6 +287,11 @@ class Profile:
             profiler ran on the device, is charged its measured peak instead while the stages are the
             ones measured (``meta["measured_every_act_bytes"]``; Note [Safety margin] in
             :mod:`remat.planning.simulate`).
+        head_chunks: how the head runs: None, as the model has it (remat does not change it); 0, whole,
+            as the model has it, with ``head_options`` to choose from; n, in n checkpointed chunks of
+            tokens (:class:`HeadOption`; ``remat.profile(..., head="chunked")``).
+        head_options: other ways to run the head, one per chunk count; :func:`remat.solve` plans each
+            with the blocks and keeps the fastest plan that fits (:meth:`head_variants`).
         meta: free-form facts for reports (model name, dtype, measured peak, ...).
     """
 
@@ -272,10 +307,13 @@ class Profile:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     input_shapes: tuple[Any, ...] = ()
     after_backward_bytes: int = 0
+    head_chunks: int | None = None
+    head_options: tuple[HeadOption, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, tuple):
             object.__setattr__(self, "stages", tuple(self.stages))
+        self._check_head_options()
         # Profiles made before input_shapes was a field kept them in meta: read them from there.
         shapes = self.input_shapes or self.meta.get("input_shapes", ())
         object.__setattr__(self, "input_shapes", frozen(shapes))
@@ -283,6 +321,50 @@ class Profile:
             raise ProfileError("Profile: the chain is empty; a profile needs at least one stage (the head)")
         if isinstance(self.fixed_bytes, bool) or not isinstance(self.fixed_bytes, int) or self.fixed_bytes < 0:
             raise ProfileError(f"Profile: fixed_bytes={self.fixed_bytes!r} must be a non-negative int")
+
+    def _check_head_options(self) -> None:
+        """Head options read from JSON arrive as dicts: made into :class:`HeadOption` here, then checked."""
+        options = tuple(HeadOption(**o) if isinstance(o, dict) else o for o in self.head_options)
+        object.__setattr__(self, "head_options", options)
+        c = self.head_chunks
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+            raise ProfileError(f"Profile: head_chunks={c!r} must be None or an int >= 0")
+        if not options:
+            return
+        if c is None or not all(isinstance(o, HeadOption) for o in options):
+            raise ProfileError("Profile: head_options must be HeadOptions, on a profile whose head_chunks says how"
+                               " its own head runs (0: whole)")
+        counts = [o.chunks for o in options]
+        if len(set(counts)) != len(counts) or c in counts:
+            raise ProfileError(f"Profile: head_options repeat a chunk count ({counts}; the profile's own: {c})")
+
+    def with_head(self, chunks: int) -> Profile:
+        """The profile with its head run in ``chunks`` chunks (its own head, or one of ``head_options``),
+        without options. The time the chunked head adds over the whole one is kept in
+        ``meta["head_recompute_s"]`` (a plan reports it as recomputation).
+
+        Raises:
+            ProfileError: no such option (the message lists the chunk counts there are).
+        """
+        if chunks == self.head_chunks:
+            return dataclasses.replace(self, head_options=())
+        option = next((o for o in self.head_options if o.chunks == chunks), None)
+        if option is None:
+            have = ", ".join(str(o.chunks) for o in self.head_options) or "none"
+            raise ProfileError(f"Profile: no head option with {chunks} chunks; the profile's own head runs in"
+                               f" {self.head_chunks} (0: whole), its options in: {have}")
+        own = self.stages[-1]
+        extra = option.head.fwd_s + option.head.bwd_s - own.fwd_s - own.bwd_s
+        # The every-block plan's measured peak was measured with the profile's own head: not this one's.
+        meta = {k: v for k, v in self.meta.items() if k not in ("measured_every_act_bytes", "measured_every_digest")}
+        meta["head_recompute_s"] = max(0.0, extra) + float(self.meta.get("head_recompute_s", 0.0))
+        return dataclasses.replace(self, stages=(*self.stages[:-1], option.head), head_chunks=chunks,
+                                   head_residual_bytes=option.residual_bytes, head_options=(), meta=meta)
+
+    def head_variants(self) -> list[Profile]:
+        """One profile per way to run the head, the profile's own first (without ``head_options``)."""
+        return [self.with_head(c) for c in (self.head_chunks, *(o.chunks for o in self.head_options))
+                if c is not None] or [self]
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -462,4 +544,15 @@ class Profile:
         table = render_table(
             ["#", "stage", "kind", "x", "xbar", "fwd", "bwd", "fwd peak+", "bwd peak+"], rows
         )
-        return f"{head}\n{fixed}\n{table}"
+        return f"{head}\n{fixed}\n{table}{self._head_options_summary()}"
+
+    def _head_options_summary(self) -> str:
+        """The head's options, one line (empty without): chunks, backward peak, residual, time."""
+        if not self.head_options:
+            return ""
+        own = self.stages[-1]
+        parts = [f"{c} chunks: bwd peak+ {format_bytes(h.bwd_transient_bytes)}, residual {format_bytes(r)},"
+                 f" {format_seconds(h.fwd_s + h.bwd_s)}"
+                 for c, h, r in [(self.head_chunks, own, self.head_residual_bytes),
+                                 *((o.chunks, o.head, o.residual_bytes) for o in self.head_options)]]
+        return "\nhead options (0 chunks: whole): " + "; ".join(parts)

@@ -7,6 +7,7 @@ fingerprint, the input shapes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from remat.errors import InfeasibleBudgetError, PlanError, RematError
 from remat.planning import optimal as _optimal
 from remat.planning.budget import Budget, no_checkpointing_peak, parse_budget
 from remat.planning.min_peak import min_peak_items
-from remat.planning.plan import Item, Plan, validate_items
+from remat.planning.plan import Item, Plan, Prediction, validate_items
 from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
 from remat.planning.strategies import Strategy, baselines, check_options, lookup, optimal_strategy
@@ -40,14 +41,24 @@ def make_plan(profile: Profile, items: Sequence[Item], *, strategy: str, budget_
         items=items,
         strategy=strategy,
         budget_bytes=budget_bytes,
-        prediction=simulate(profile, items),
+        prediction=_head_recompute(simulate(profile, items), float(profile.meta.get("head_recompute_s", 0.0))),
         stage_names=profile.names,
         fingerprint=profile.fingerprint,
         options=dict(options or {}),
         input_shapes=profile.input_shapes,
         stage_kinds=profile.kinds,
         autocast=str(profile.meta.get("autocast", "")),
+        head_chunks=profile.head_chunks,
     ).validate()
+
+
+def _head_recompute(p: Prediction, extra_s: float) -> Prediction:
+    """A chunked head's own recomputation (its logits, again in backward) reported as recomputation: the
+    simulator counts the head's measured time as its forward and backward (Profile.with_head)."""
+    moved = min(extra_s, p.bwd_s)
+    if moved <= 0:
+        return p
+    return dataclasses.replace(p, bwd_s=p.bwd_s - moved, recompute_s=p.recompute_s + moved)
 
 
 def solve(profile: Profile, budget: Budget = None, *, strategy: str | Strategy = "optimal", **options: Any) -> Plan:
@@ -80,6 +91,8 @@ def solve(profile: Profile, budget: Budget = None, *, strategy: str | Strategy =
     if not isinstance(profile, Profile):
         raise RematError(f"remat.solve: expected a remat.Profile, got {type(profile).__name__}")
     budget_bytes = parse_budget(budget, profile)
+    if profile.head_options:
+        return _solve_heads(profile, budget_bytes, strategy, options)
     name, fn = lookup(strategy)
     check_options(name, fn, options)
     made = fn(profile, budget_bytes, **options)
@@ -127,14 +140,34 @@ def _infeasible_message(profile: Profile, budget: int, minimum: int, strategy: s
     )
 
 
+def _solve_heads(profile: Profile, budget_bytes: int | None, strategy: str | Strategy, options: dict[str, Any]) -> Plan:
+    """Note: [Planning the head] A profile with head options (``remat.profile(..., head="chunked")``) is
+    solved once per way to run the head, each variant's head stage as measured that way; the fastest plan
+    that fits wins, and on a tie the head in fewer chunks (the profile's own, whole, first). Exact: every
+    variant is planned by the same strategy on its own measured figures."""
+    plans: list[Plan] = []
+    refusals: list[InfeasibleBudgetError] = []
+    for variant in profile.head_variants():
+        try:
+            plans.append(solve(variant, budget_bytes, strategy=strategy, **options))
+        except InfeasibleBudgetError as e:
+            refusals.append(e)
+    if plans:
+        return min(plans, key=lambda p: p.time_s)  # min keeps the first of equals: fewer chunks
+    raise min(refusals, key=lambda e: e.min_feasible_bytes if e.min_feasible_bytes is not None else math.inf)
+
+
 def min_feasible_peak(profile: Profile) -> int:
     """The smallest peak :func:`solve` can meet, in exact bytes: ``solve(profile, b)`` (strategy
     ``optimal``) returns a plan for every budget ``b`` from it up, and raises
     :class:`remat.InfeasibleBudgetError` below it.
 
     It is the least simulated peak over the optimal planner's plans (:mod:`remat.planning.min_peak`) and
-    the baselines', computed exactly, without the DP's memory slots.
+    the baselines', computed exactly, without the DP's memory slots; with head options, the least over
+    the ways to run the head.
     """
+    if profile.head_options:
+        return min(min_feasible_peak(v) for v in profile.head_variants())
     low, _ = min_peak_items(profile)
     least = min([low, *(simulate(profile, items).peak_bytes for items in baselines(profile, None))])
     return max(least, profile.base_bytes + profile.after_backward_bytes)  # the optimizer's step, whatever the plan
@@ -143,6 +176,10 @@ def min_feasible_peak(profile: Profile) -> int:
 def min_feasible_plan(profile: Profile, slots: int = 500) -> Plan:
     """The fastest plan ``optimal`` finds at the smallest feasible peak (:func:`min_feasible_peak`);
     its ``peak_bytes`` is that peak, and its budget too."""
+    if profile.head_options:
+        low = min_feasible_peak(profile)
+        plans = [min_feasible_plan(v, slots) for v in profile.head_variants()]
+        return min((p for p in plans if p.peak_bytes <= low), key=lambda p: p.time_s)
     low = min_feasible_peak(profile)
     items = optimal_strategy(profile, low, slots=slots)
     return make_plan(profile, items, strategy="optimal", budget_bytes=low)
@@ -155,6 +192,8 @@ def frontier(profile: Profile, *, slots: int = 500) -> list[Plan]:
     plan is simulated, and dominated points dropped. Sorted by increasing peak (decreasing time); the
     first point is :func:`min_feasible_plan`. Each plan's budget is its own peak.
     """
+    if profile.head_options:
+        return _pareto([p for v in profile.head_variants() for p in frontier(v, slots=slots)])
     top = no_checkpointing_peak(profile)
     first = min_feasible_plan(profile, slots)
     found: dict[tuple[Item, ...], Plan] = {first.items: first}
@@ -167,7 +206,12 @@ def frontier(profile: Profile, *, slots: int = 500) -> list[Plan]:
         key = tuple(baseline)
         if key not in found:
             found[key] = _frontier_point(profile, key)
-    points = sorted(found.values(), key=lambda p: (p.peak_bytes, p.time_s))
+    return _pareto(list(found.values()))
+
+
+def _pareto(plans: list[Plan]) -> list[Plan]:
+    """The plans no other is both smaller and faster than, by increasing peak (stable: on a tie, the first)."""
+    points = sorted(plans, key=lambda p: (p.peak_bytes, p.time_s))
     out: list[Plan] = []
     for p in points:
         if not out or p.time_s < out[-1].time_s - 1e-12:
