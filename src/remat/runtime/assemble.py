@@ -216,12 +216,23 @@ def _block(runs: Runs, times: Times, k: int, last_freed: int) -> Stage:
         bwd_transient_bytes=_bwd_transient(runs, k),
         kind="block",
         checkpointable=True,
-        joins_previous=tl.joins[k],
+        joins_previous=tl.joins[k] and not _lives_on(runs, k),
         fwd_flops=w.end.flops,
         input_freed_bytes=freed,
         output_released_bytes=out_bytes if tl.output_released(k) else 0,
         recompute_copy_bytes=runs.copies[k] if k < len(runs.copies) else 0,
     )
+
+
+def _lives_on(runs: Runs, k: int) -> bool:
+    """Note: [Tensors that live on] An unrecorded pass over a region frees each block's input once the block
+    has run (the sweep of docs/cost-model.md). Where block k's input lives on after block k has run, with
+    nothing recording (a U-Net's skip connection, which its up path reads; the input of a container that its
+    caller holds until the container returns), a region holding blocks k-1 and k would keep it where the
+    model counts it freed: block k then starts a region. Measured in the unrecorded run: the input's storage
+    is still alive when block k + 1 starts."""
+    tl = runs.nograd.tl
+    return 0 < k < len(runs.names) - 1 and not tl.in_freed_by_glue[k]
 
 
 def _lingering(runs: Runs, w: Window, nograd: Window | None, rise: int) -> tuple[int, int, int]:

@@ -10,28 +10,30 @@ gives the module call tree and the data flow between calls. The chain of stages 
    or, from the second member on, one whose other inputs do (a decoder reading the encoder's output).
    The first member's input derives from the call's own input. Only *eligible* calls are members: a
    module called exactly once in the forward, with parameters (a lone ReLU, Dropout or Flatten is code
-   between stages), a tensor as its first input and as its only new output tensor (a checkpointed
-   stage's other outputs would be held beyond what the profile counts for it), and not changing its
-   input in place.
+   between stages), a tensor as its first input and as its output (more may come with it), and not
+   changing its input in place. Of two chains of one length, the one whose links hand the hidden state
+   on as the first input wins (a U-Net's time embedding, read by every block, is not its first stage).
 2. A member is replaced by its own members (a container such as ResNet's ``layer1``, VGG's
    ``features``, an encoder's stack of blocks) when the call's code after its last member reads nothing
    but that member's output (no residual around the container: a residual block is a stage, not its
    layers) and they form a stack (two of one class, or three of repeated classes, handing the hidden
-   state straight on), or some of them are containers too, or the member returns more than its carry.
-   A member with a single member of its own is replaced by that one's expansion, or by it when the
-   call's own code does not touch the hidden state. A member that returns tensors besides its carry
-   and is not replaced is no stage: its code is glue.
+   state straight on), or some of them are containers too, or it is a container of its own kind running
+   blocks the model runs elsewhere too (a U-Net's down, middle and up blocks). A member with a single
+   member of its own is replaced by that one's expansion, or by it when the call's own code does not
+   touch the hidden state.
 3. The root is always expanded, and so is a model that a wrapper hands the root's inputs to and whose
    output it returns as it is (PEFT's ``PeftModel`` → ``LoraModel`` → the base model). The chain is then
    trimmed to the span from the first to the last member of a repeated class written outside ``torch``
    (else leading embeddings are dropped): embeddings before the blocks and a classifier after them stay
    in the prologue and head.
-4. A stage whose output lives on after the next stage has returned (the encoder output that every
-   decoder block reads, a tensor the model returns or keeps) is dropped: its code becomes glue, whose
-   bytes the profile counts as live until its backward.
+4. A stage may return tensors besides its carry that later stages read (T5's position bias, made by block 0
+   and read by every later block), and its output may live on after the next stage has returned (the encoder
+   output every decoder block reads, a U-Net's skip connection): it is a stage like any other. What it leaves
+   live is measured, not assumed: a region never spans a boundary whose tensor lives on (Note [Tensors that
+   live on] in assemble.py), and what a checkpointed stage leaves beyond its output is charged as held (Note
+   [Outputs the model keeps]).
 
-Code between two stages becomes a glue stage in the profile (Note [Glue] in the profiler); the encoder
-output that decoder blocks read is held across the decoder as that glue's bytes.
+Code between two stages becomes a glue stage in the profile (Note [Glue] in the profiler).
 """
 
 from __future__ import annotations
@@ -344,10 +346,6 @@ class _Chain:
         return (self.rec.counts.get(id(c.module), 0) == 1 and c.carry is not None and c.out is not None
                 and not c.in_place and c.end >= 0 and any(True for _ in c.module.parameters()))
 
-    def _stage(self, index: int) -> list[int]:
-        """The call as a stage, or nothing when it returns more than its carry (then its code is glue)."""
-        return [] if self.rec.calls[index].more_out else [index]
-
     def _walk(self, index: int, start: Sequence[int], resets: set[int]) -> _Level:
         rec, call = self.rec, self.rec.calls[index]
         tag: dict[int, Tags] = dict.fromkeys(start, frozenset({-1}))
@@ -384,21 +382,22 @@ class _Chain:
         the first takes the call's input."""
         children = [c for c in self.rec.calls[index].children if c in self.eligible]
         level = self._walk(index, start, set(children))
-        best: dict[int, tuple[int, int | None]] = {}  # child -> (chain length ending there, previous)
+        # child -> (chain length ending there, links through a first input, previous)
+        best: dict[int, tuple[int, int, int | None]] = {}
         for c in children:
             carry, extras = level.tags_in[c]
-            options: list[tuple[int, int | None]] = [(best[d][0] + 1, d) for d in best if d in carry or d in extras]
+            options = [(best[d][0] + 1, best[d][1] + (d in carry), d) for d in best if d in carry or d in extras]
             if -1 in carry:
-                options.append((1, None))
+                options.append((1, 1, None))
             if options:
-                best[c] = max(options, key=lambda o: o[0])
+                best[c] = max(options, key=lambda o: o[:2])
         if not best:
             return []
-        end: int | None = max(best, key=lambda c: (best[c][0], c))
+        end: int | None = max(best, key=lambda c: (best[c][0], best[c][1], c))
         chain = []
         while end is not None:
             chain.append(end)
-            end = best[end][1]
+            end = best[end][2]
         return chain[::-1]
 
     def expand(self, index: int) -> list[int] | None:
@@ -412,12 +411,25 @@ class _Chain:
         if not shape.tail_clean:
             return None
         if len(members) == 1:
-            return self.expand(members[0]) or (self._stage(members[0]) if shape.wrapper else None)
+            return self.expand(members[0]) or ([members[0]] if shape.wrapper else None)
         subs = [self.expand(m) for m in members]
         classes = [type(self.rec.calls[m].module) for m in members]
-        if not _stack(classes, shape.handed) and all(s is None for s in subs) and not self.rec.calls[index].more_out:
+        plain = all(s is None for s in subs) and not self._holds_blocks(index, members)
+        if not _stack(classes, shape.handed) and plain:
             return None
-        return [x for m, s in zip(members, subs) for x in (s if s is not None else self._stage(m))]
+        return [x for m, s in zip(members, subs) for x in (s if s is not None else [m])]
+
+    def _holds_blocks(self, index: int, members: list[int]) -> bool:
+        """A container of its own kind (its class called once in the forward) that runs blocks the model runs
+        elsewhere too: a U-Net's down, middle and up blocks, each a few residual and attention blocks with
+        code between them (the skip connections)."""
+        calls = self.rec.calls
+        kinds: dict[type, int] = {}
+        for c in calls:
+            kinds[type(c.module)] = kinds.get(type(c.module), 0) + 1
+        return kinds[type(calls[index].module)] == 1 and any(
+            kinds[type(calls[m].module)] >= 2 and not type(calls[m].module).__module__.startswith("torch.")
+            for m in members)
 
     def _shape(self, index: int, carry: int, members: list[int]) -> _Shape:
         """How the call's own code touches the hidden state around its members."""
@@ -440,7 +452,7 @@ class _Chain:
             index = members[0]
             members = self.members(index, start)
         subs = [(m, self.expand(m)) for m in members]
-        return [x for m, s in subs for x in (s if s is not None else self._stage(m))]
+        return [x for m, s in subs for x in (s if s is not None else [m])]
 
     def _wraps(self, outer: int, inner: int) -> bool:
         """Whether call ``outer`` hands the model's own inputs to call ``inner`` and returns its output as
@@ -475,32 +487,12 @@ def _trimmed(calls: Sequence[_Call], chain: list[int]) -> list[int]:
     return chain[where[0]:where[-1] + 1]
 
 
-def _held_dropped(rec: _Recorder, chain: list[int]) -> list[int]:
-    """Without the stages whose output lives on after the next stage has returned (the encoder output
-    every decoder block reads, a tensor the model returns or keeps): inside a checkpoint region it would
-    stay live where the profile counts it freed. Their code becomes glue between the stages around them.
-    A container's caller holds the container's input until it returns (ResNet's ``layer1`` output lives
-    through ``layer2``, not only through ``layer2.0``): the next stage's outermost enclosing call that
-    started after the stage counts as the next stage."""
-    chain = list(chain)
-    j = len(chain) - 2
-    while j >= 0:
-        out, nxt = rec.calls[chain[j]].out, rec.calls[chain[j + 1]]
-        while nxt.parent >= 0 and rec.calls[nxt.parent].start >= rec.calls[chain[j]].end:
-            nxt = rec.calls[nxt.parent]
-        after = nxt.end
-        if rec.deaths.get(out, len(rec.ops) + 1) > after:  # type: ignore[arg-type]
-            del chain[j]
-        j -= 1
-    return chain
-
-
 def discover(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, nn.Module]]:
     """The chain of stages of ``model`` called as ``model(*args, **kwargs)`` (Note [Watching one forward])."""
     rec = _record(model, args, kwargs)
     if not rec.calls or rec.calls[0].module is not model:
         raise ProfileError(f"remat.profile: {type(model).__name__} was not called through Module.__call__")
-    chain = _held_dropped(rec, _trimmed(rec.calls, _Chain(rec).root()))
+    chain = _trimmed(rec.calls, _Chain(rec).root())
     if not chain:
         raise ProfileError(
             f"remat.profile: cannot find a chain of stages in {type(model).__name__}: no submodule with"
