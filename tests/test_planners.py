@@ -442,9 +442,10 @@ def test_glue_stages_are_never_checkpointable():
 # ---- the true minimum ---------------------------------------------------------------------------------
 
 
-def large_chain(n, seed):
+def large_chain(n, seed, sides=False):
     """A chain with real-model-sized numbers (so one DP memory slot is many bytes) and every term the
-    profiler measures: freed inputs, released outputs, recomputation extras, a head residual, safety."""
+    profiler measures: freed inputs, released outputs, recomputation extras, a head residual, safety;
+    ``sides``: long-lived side tensors and their gradients on about a third of the stages."""
     rng = random.Random(seed)
     p = Profile.from_lists(
         [rng.randint(1_000, 120_000) for _ in range(n)],
@@ -465,6 +466,8 @@ def large_chain(n, seed):
             recompute_copy_bytes=rng.randint(0, 4_000) if s.checkpointable else 0,
             joins_previous=rng.random() > 0.1,
             checkpointable=s.checkpointable and rng.random() > 0.1,
+            side_bytes=rng.randint(1, 60_000) if sides and k < n - 1 and rng.random() < 0.35 else 0,
+            side_grad_bytes=rng.randint(0, 60_000) if sides and k < n - 1 and rng.random() < 0.2 else 0,
         )
         for k, s in enumerate(p.stages)
     ]
@@ -473,12 +476,12 @@ def large_chain(n, seed):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(2, 40), seed=st.integers(0, 10**6))
-def test_min_feasible_peak_is_exact_in_bytes(n, seed):
+@given(n=st.integers(2, 40), seed=st.integers(0, 10**6), sides=st.booleans())
+def test_min_feasible_peak_is_exact_in_bytes(n, seed, sides):
     """The smallest feasible peak is exact, not within a memory slot: ``solve(p, low)`` returns a plan
     (peaking at exactly ``low``), ``solve(p, low - 1)`` raises and reports ``low``, and the infeasible
-    message, min_feasible_plan and the frontier's first point all say ``low``."""
-    p = large_chain(n, seed)
+    message, min_feasible_plan and the frontier's first point all say ``low`` (with side tensors too)."""
+    p = large_chain(n, seed, sides)
     low = min_feasible_peak(p)
     assert solve(p, low).peak_bytes == low
     with pytest.raises(InfeasibleBudgetError) as e:
@@ -494,9 +497,10 @@ def remat_bytes(n):
     return format_bytes(n)
 
 
-def test_min_peak_dp_matches_the_simulator_and_the_exhaustive_minimum():
+@pytest.mark.parametrize("sides", [False, True])
+def test_min_peak_dp_matches_the_simulator_and_the_exhaustive_minimum(sides):
     for seed in range(8):
-        p = large_chain(6, seed)
+        p = large_chain(6, seed, sides)
         peak, items = min_peak_items(p)
         assert simulate(p, items).peak_bytes == peak
         assert peak == min(simulate(p, it).peak_bytes for it in plans_of(p))
@@ -661,3 +665,171 @@ def test_the_every_block_plan_is_charged_its_measured_peak_while_the_profile_is_
         assert with_measured_every(dataclasses.replace(p, device="cpu", meta=meta)).meta == meta
     kept = with_measured_every(measured_at)
     assert with_measured_every(dataclasses.replace(kept, fixed_bytes=kept.fixed_bytes + 5000)).meta == kept.meta
+
+
+# ---- long-lived side tensors (Note [Side tensors] in remat.planning.simulate) ------------------------------
+
+
+def with_sides(profile, side, grad):
+    """``profile`` with stage k making ``side[k]`` bytes of side tensors (a skip connection, an encoder output)
+    whose gradients take ``grad[k]``; the head makes none."""
+    n = len(profile.stages)
+    stages = tuple(dataclasses.replace(s, side_bytes=side[k] if k < n - 1 else 0,
+                                       side_grad_bytes=grad[k] if k < n - 1 and side[k] else 0)
+                   for k, s in enumerate(profile.stages))
+    return dataclasses.replace(profile, stages=stages)
+
+
+sparse = st.one_of(st.just(0), st.integers(1, 12))
+side_chains = st.one_of(chains, glue_chains).flatmap(
+    lambda p: st.builds(with_sides, st.just(p), st.lists(sparse, min_size=len(p), max_size=len(p)),
+                        st.lists(st.integers(0, 8), min_size=len(p), max_size=len(p)))
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(profile=side_chains, share=st.floats(0.0, 1.0))
+def test_optimal_and_least_peak_equal_exhaustive_search_with_side_tensors(profile, share):
+    """One slot is one byte: the DP's value is the exhaustive optimum and its plan's simulated time, and the
+    least-peak DP finds the exhaustive least peak, with side tensors charged over their producers' lives."""
+    plans = plans_of(profile)
+    low = min(simulate(profile, items).peak_bytes for items in plans)
+    assert min_feasible_peak(profile) == low
+    peak, items = min_peak_items(profile)
+    assert simulate(profile, items).peak_bytes == peak >= low
+    none = simulate(profile, solve(profile, None, strategy="none")).peak_bytes
+    budget = int(low + share * (none - low))
+    ref = exhaustive(profile, budget, plans)
+    act = budget - profile.base_bytes
+    table = _optimal.solve_table(profile, act, slots=max(1, act))
+    assert table.delta == 1
+    pred = simulate(profile, table.items(act))
+    assert pred.peak_bytes <= budget
+    assert pred.time_s == pytest.approx(float(table.cost[_optimal.PINNED, 0, -1, act]), rel=1e-5)
+    assert pred.time_s == pytest.approx(ref[0], rel=1e-5, abs=1e-9)
+    assert solve(profile, budget).time_s == pytest.approx(ref[0], rel=1e-6, abs=1e-9)
+
+
+def test_optimal_with_selective_options_and_side_tensors_equals_exhaustive_search():
+    """A Selective item keeps its side tensors beside the option's bytes in its forward, while the rest
+    runs, and in its body: the DP and the simulator agree with exhaustive search over Record, Selective and
+    Region items."""
+    from remat.planning.plan import Selective
+    from remat.planning.profile import BlockOption
+
+    def plans(st_, i, l):
+        heads = [Record(i), *(Selective(i, o.name, o.save) for o in st_[i].options)]
+        out = [(h,) for h in heads] if i == l else [(h, *r) for h in heads for r in plans(st_, i + 1, l)]
+        for j in range(i + 1, l + 1):
+            if all(st_[k].checkpointable for k in range(i, j)):
+                out += [(Region(i, j, b), *r) for b in plans(st_, i, j - 1) for r in plans(st_, j, l)]
+        return out
+
+    chose = 0
+    for seed in range(10):
+        rng = random.Random(seed)
+        base = with_sides(chain(5, seed), [rng.choice([0, 0, 3, 9]) for _ in range(5)],
+                          [rng.randint(0, 4) for _ in range(5)])
+        p = dataclasses.replace(base, stages=tuple(
+            dataclasses.replace(s, options=(BlockOption("o", ("aten.mm.default",), rng.randint(1, max(1, s.xbar_bytes)),
+                                                        0.3 * s.fwd_s, rng.randint(0, 4), rng.randint(0, 3)),))
+            if s.checkpointable else s for s in base.stages))
+        preds = [(simulate(p, items), items) for items in plans(p.stages, 0, 4)]
+        low = min(pred.peak_bytes for pred, _ in preds)
+        none = simulate(p, solve(p, None, strategy="none")).peak_bytes
+        for share in (0.0, 0.3, 0.7):
+            budget = int(low + share * (none - low))
+            ref = min(pred.time_s for pred, _ in preds if pred.peak_bytes <= budget)
+            act = budget - p.base_bytes
+            table = _optimal.solve_table(p, act, slots=max(1, act))
+            items = table.items(act)
+            assert simulate(p, items).peak_bytes <= budget
+            assert float(table.cost[_optimal.PINNED, 0, -1, act]) == pytest.approx(ref, rel=1e-5)
+            assert simulate(p, items).time_s == pytest.approx(ref, rel=1e-5)
+            chose += any(isinstance(it, Selective) and p.stages[it.stage].side for it in items)
+    assert chose > 0
+
+
+def zeros(n, **lists):
+    """A chain of ``n`` stages (the last the head) where every figure is 0 but those given, so that the one
+    term a test checks sets the peak."""
+    plain = {"fwd_transient_bytes", "fwd_nograd_transient_bytes", "bwd_transient_bytes", "side_bytes",
+             "side_grad_bytes", "xbar_bytes", "x_bytes"}
+    p = Profile.from_lists(lists.get("x_bytes", [0] * n), lists.get("xbar_bytes", [0] * n), [1.0] * n, [1.0] * n,
+                           **{k: v for k, v in lists.items() if k in plain - {"x_bytes", "xbar_bytes"}})
+    extra = {k: v for k, v in lists.items() if k not in plain}
+    return dataclasses.replace(p, stages=tuple(dataclasses.replace(s, **{k: v[i] for k, v in extra.items()})
+                                               for i, s in enumerate(p.stages)))
+
+
+ALL = (Record(0), Record(1), Record(2), Record(3))
+REGION = (Region(0, 2, (Record(0), Record(1))), Record(2), Record(3))
+
+
+@pytest.mark.parametrize(("term", "lists", "items", "peak"), [
+    # Record's forward: xbar + side + of = 0 + (5 + 2) + 3; its backward 7, what it holds 7.
+    ("record forward", {"side_bytes": [0, 5, 0, 0], "side_grad_bytes": [0, 2, 0, 0],
+                        "fwd_transient_bytes": [0, 3, 0, 0]}, ALL, 10),
+    # Record's backward: keep (side 7) + ob 4; its forward 7.
+    ("record backward", {"side_bytes": [0, 5, 0, 0], "side_grad_bytes": [0, 2, 0, 0],
+                         "bwd_transient_bytes": [0, 4, 0, 0]}, ALL, 11),
+    # Record 0 holds its side 7 while the head's forward peaks at 10.
+    ("record held", {"side_bytes": [5, 0, 0, 0], "side_grad_bytes": [2, 0, 0, 0],
+                     "fwd_transient_bytes": [0, 0, 0, 10]}, ALL, 17),
+    # A loose record frees its input and still holds its side: record 1 holds xbar 0 + side 7 - freed 6 = 1
+    # while the head's forward peaks at 10 (its own forward is 7).
+    ("loose record held", {"x_bytes": [0, 6, 0, 0], "side_bytes": [0, 5, 0, 0], "side_grad_bytes": [0, 2, 0, 0],
+                           "input_freed_bytes": [0, 6, 0, 0], "fwd_transient_bytes": [0, 0, 0, 10]}, ALL, 11),
+    # Sweep at stage 1: the side of stage 0 made before it (3), its own (4), its transient 10.
+    ("sweep", {"side_bytes": [3, 4, 0, 0], "fwd_nograd_transient_bytes": [0, 10, 0, 0]}, REGION, 17),
+    # Sweep at stage 0: its own side 3 and transient 10 (stage 1 adds 4 but no transient).
+    ("sweep own", {"side_bytes": [3, 4, 0, 0], "fwd_nograd_transient_bytes": [10, 0, 0, 0]}, REGION, 13),
+    # After the region: the sides of stages 0 and 1 (3 + 4) held while the head peaks at 10.
+    ("region held", {"side_bytes": [3, 4, 0, 0], "fwd_transient_bytes": [0, 0, 0, 10]}, REGION, 17),
+    # The body: its records keep the recomputed sides (2 + 3, gradients here) and the region's side gradients
+    # (2 + 3) are charged beside it: 10; the sweep and what the region holds are 5.
+    ("body gradients", {"side_grad_bytes": [2, 3, 0, 0]}, REGION, 10),
+    # The body's record 1 peaks in its backward (9 + side 4) with record 0's side 3 held: 16.
+    ("body records", {"side_bytes": [3, 4, 0, 0], "bwd_transient_bytes": [0, 9, 0, 0]}, REGION, 16),
+])
+def test_each_side_tensor_term_is_charged(term, lists, items, peak):
+    """Hand-computed peaks, each set by one term of Note [Side tensors]: dropping the term lowers it."""
+    p = zeros(4, **lists)
+    assert simulate(p, items).peak_bytes == peak, term
+    assert min_peak_items(p)[0] <= peak
+
+
+def test_selective_items_keep_their_side_tensors():
+    """``Selective(1)`` with an option keeping 4 bytes, the stage's side 5: its forward is 4 + 5 + of, it holds
+    9 while the rest runs, and its body (rebuild, backward) adds the side."""
+    from remat.planning.plan import Selective
+    from remat.planning.profile import BlockOption
+
+    def case(option_of=0, head_of=0, ob=0):
+        p = zeros(3, side_bytes=[0, 5, 0], fwd_transient_bytes=[0, 0, head_of], bwd_transient_bytes=[0, ob, 0])
+        stages = list(p.stages)
+        stages[1] = dataclasses.replace(stages[1], options=(BlockOption("o", ("aten.mm.default",), 4, 0.5, option_of),))
+        p = dataclasses.replace(p, stages=tuple(stages))
+        return simulate(p, (Record(0), Selective(1, "o", ("aten.mm.default",)), Record(2)))
+
+    assert case(option_of=10).peak_bytes == 19  # forward: kept 4 + side 5 + 10
+    assert case(head_of=20).peak_bytes == 29  # held 9 while the head peaks at 20
+    assert case(ob=30).peak_bytes == 35  # body: backward 30 + side 5
+    assert case().held_bytes == (0, 9, 0)
+
+
+def test_held_bytes_and_digest_count_side_tensors():
+    p = zeros(4, x_bytes=[0, 0, 6, 1], xbar_bytes=[2, 2, 2, 0], side_bytes=[3, 4, 1, 0], side_grad_bytes=[1, 0, 0, 0])
+    assert simulate(p, ALL).held_bytes == (2 + 4, 2 + 4, 2 + 1, 0)
+    assert simulate(p, REGION).held_bytes == (4, 4 + 6, 2 + 1, 0)  # the region's stages hold their sides
+    from remat.planning.simulate import every_digest
+
+    plain = zeros(4, x_bytes=[0, 0, 6, 1], xbar_bytes=[2, 2, 2, 0])
+    legacy = [(s.x_bytes, s.xbar_bytes, s.fwd_transient_bytes, s.fwd_nograd_transient_bytes, s.bwd_transient_bytes,
+               s.input_freed_bytes, s.output_released_bytes, s.recompute_bwd_extra_bytes, s.recompute_hold_bytes,
+               s.recompute_copy_bytes, s.checkpointable) for s in plain.stages]
+    import hashlib
+
+    assert every_digest(plain) == hashlib.sha1(repr((legacy, 0)).encode()).hexdigest()  # saved digests still match
+    assert every_digest(p) != every_digest(dataclasses.replace(p, stages=(
+        dataclasses.replace(p.stages[0], side_grad_bytes=2), *p.stages[1:])))

@@ -11,16 +11,19 @@ holds plus the peak of the items after it, and those parts are independent. So w
 
 the recurrence, mirroring :func:`remat.planning.simulate._seq` term by term, is::
 
-    record:  max(x_{l+1} + xbar_i + of_i,
+    record:  max(x_{l+1} + xbar_i + side_i + of_i,
                  x_i + x_{i+1} + keep[p, i] - released_i + extra_i [l < L] + ob_i,
                  keep[p, i] + peak[LOOSE, i+1, l] [i < l])
-    region:  max(x_{l+1} + sweep(i, j),  x_j + peak[LOOSE, j, l],  peak[PINNED, i, j-1] + hold_{j-1} + copy_{i,j})
+    region:  max(x_{l+1} + sweep(i, j),  x_j + side_{i,j} + peak[LOOSE, j, l],
+                 peak[PINNED, i, j-1] + hold_{j-1} + copy_{i,j} + side_grad_{i,j})
              for j in i+1 … min(l, region_end[i])
     peak[p, i, l] = the smaller of the two
 
 where ``extra_i`` (a backward inside a recomputation) is charged exactly where the simulator charges it:
 in every range but the top-level ranges ``i … L``, because region bodies never end at ``L``;
-``copy_{i,j}`` is what the region's recomputation copies (Σ recompute_copy_k over its stages). The plans it
+``copy_{i,j}`` is what the region's recomputation copies (Σ recompute_copy_k over its stages);
+``keep[p, i]`` includes the stage's side tensors and their gradients ``side_i``, ``side_{i,j}`` and
+``side_grad_{i,j}`` sum them over the region (Note [Side tensors] in :mod:`remat.planning.simulate`). The plans it
 ranges over are the optimal DP's: regions nest freely, never end at the end of their range, and hold
 only checkpointable stages that join. O(L^3) exact integer arithmetic, vectorised over ``j``.
 """
@@ -32,7 +35,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from remat.planning.optimal import LOOSE, PINNED, RECORD, copy_bytes, region_ends
+from remat.planning.optimal import LOOSE, PINNED, RECORD, beside_bytes, region_ends
 from remat.planning.plan import Item, Record, Region
 from remat.planning.profile import Profile
 
@@ -72,16 +75,20 @@ def _sizes(profile: Profile) -> dict[str, Ints]:
 
     x = arr([s.x_bytes for s in st] + [0])  # x[n] = 0: nothing after the head
     xbar = arr([s.xbar_bytes for s in st])
+    side = arr([s.side for s in st])
+    side_before = np.concatenate([[0], np.cumsum(side)]).astype(np.int64)
     ofn = arr([s.fwd_nograd_transient_bytes for s in st])
     sweep = np.zeros((n, n + 1), dtype=np.int64)  # sweep[i, j]: peak above x_i of an unrecorded i..j-1
     for i in range(n):
-        steps = x[i : n] + x[i + 1 : n + 1] + ofn[i:n]
+        steps = x[i : n] + x[i + 1 : n + 1] + ofn[i:n] + side_before[i + 1 :] - side_before[i]
         steps[0] -= x[i]  # the pass's own input is held outside the figure
         sweep[i, i + 1 :] = np.maximum.accumulate(steps)
     return {
         "x": x,
         "xbar": xbar,
-        "keep": np.stack([xbar, xbar - arr([s.input_freed_bytes for s in st])]),
+        "side_before": side_before,
+        "keep": np.stack([xbar + side, xbar + side - arr([s.input_freed_bytes for s in st])]),
+        "side": side,
         "of": arr([s.fwd_transient_bytes for s in st]),
         "ob": arr([s.bwd_transient_bytes for s in st]),
         "released": arr([s.output_released_bytes for s in st]),
@@ -97,9 +104,10 @@ def _solve(profile: Profile) -> tuple[Ints, npt.NDArray[np.int32]]:
     n = len(profile.stages)
     s = _sizes(profile)
     x, keep, hold, sweep, region_end = s["x"], s["keep"], s["hold"], s["sweep"], s["region_end"]
-    copies = copy_bytes(profile)  # copies[i, l]: what a region over i..l copies while it is recomputed
+    beside = beside_bytes(profile)  # beside[i, l]: a region i..l's copies and side gradients beside its body
+    side_before = s["side_before"]
     # A record's own peak: its forward (plus the range's reserve x_{l+1}), or its backward.
-    forward = (s["xbar"] + s["of"]).tolist()
+    forward = (s["xbar"] + s["side"] + s["of"]).tolist()
     backward = (x[:n] + x[1:] + keep - s["released"] + s["ob"]).tolist()  # [p][i], extra not included
     extra, keeps, xs = s["extra"].tolist(), keep.tolist(), x.tolist()
     peak = np.zeros((2, n, n), dtype=np.int64)
@@ -112,8 +120,9 @@ def _solve(profile: Profile) -> tuple[Ints, npt.NDArray[np.int32]]:
             best_region, best_j = None, 0
             if j_last >= i + 1:
                 js = np.arange(i + 1, j_last + 1)
-                regions = np.maximum(np.maximum(reserve + sweep[i, js], x[js] + peak[LOOSE, js, l]),
-                                     peak[PINNED, i, i:j_last] + hold[i:j_last] + copies[i, i:j_last])
+                held = x[js] + side_before[js] - side_before[i]  # the region's output and side tensors
+                regions = np.maximum(np.maximum(reserve + sweep[i, js], held + peak[LOOSE, js, l]),
+                                     peak[PINNED, i, i:j_last] + hold[i:j_last] + beside[i, i:j_last])
                 k = int(np.argmin(regions))
                 best_region, best_j = int(regions[k]), i + 1 + k
             rest = int(peak[LOOSE, i + 1, l]) if i < l else 0

@@ -10,26 +10,29 @@ checkpoint region) when ``pinned == PINNED``, *loose* (the output of a recorded 
 stage may free) when ``pinned == LOOSE`` — and the gradient ``y_{l+1}`` (``x_{l+1}`` slots) counted in::
 
     record:  cost[p, i, l, m] = uf_i + ub_i + cost[LOOSE, i+1, l, m - keep[p, i]]
-                 if m >= max(x_{l+1} + xbar_i + of_i,  x_i + x_{i+1} + keep[p, i] + ob_i + margin_i,  keep[p, i])
+                 if m >= max(x_{l+1} + xbar_i + side_i + of_i,  x_i + x_{i+1} + keep[p, i] + ob_i + margin_i,
+                             keep[p, i])
                  (i == l: uf_i + ub_i, under the same condition)
-    region:  cost[p, i, l, m] = Σ_{k=i}^{j-1} region_s_k + cost[LOOSE, j, l, m - x_j]
-                                + cost[PINNED, i, j-1, m - hold_{j-1} - copy_{i,j}]
-                 for j in i+1 … min(l, region_end[i]),  if m >= max(x_{l+1} + sweep[i, j],  x_j)
-    option:  cost[p, i, l, m] = uf_i + ub_i + r_{i,k} + cost[LOOSE, i+1, l, m - kept_{i,k}]
-                 if m >= max(x_{l+1} + kept_{i,k} + of_{i,k},  body_i,  body_{i,k},  kept_{i,k})
+    region:  cost[p, i, l, m] = Σ_{k=i}^{j-1} region_s_k + cost[LOOSE, j, l, m - x_j - side_{i,j}]
+                                + cost[PINNED, i, j-1, m - hold_{j-1} - copy_{i,j} - side_grad_{i,j}]
+                 for j in i+1 … min(l, region_end[i]),  if m >= max(x_{l+1} + sweep[i, j],  x_j + side_{i,j})
+    option:  cost[p, i, l, m] = uf_i + ub_i + r_{i,k} + cost[LOOSE, i+1, l, m - kept_{i,k} - side_i]
+                 if m >= max(x_{l+1} + kept_{i,k} + side_i + of_{i,k},  body_i,  body_{i,k},  kept_{i,k} + side_i)
                  for each selective option k of block i (i == l: uf_i + ub_i + r_{i,k})
     cost[p, i, l, m] = the smallest of these;  answer: cost[PINNED, 0, L, S]
 
-``keep[p, i]`` is what ``Record(i)`` holds while the rest of the range runs: ``xbar_i``, less the input it
-frees when the input is loose; ``sweep[i, j]`` the peak of the region's unrecorded first pass;
+``side_i`` is stage ``i``'s long-lived side tensors and their gradients, ``side_{i,j}`` (``side_grad_{i,j}``)
+the sum over ``i … j-1`` (Note [Side tensors] in :mod:`remat.planning.simulate`); ``keep[p, i]`` is what
+``Record(i)`` holds while the rest of the range runs: ``xbar_i + side_i``, less the input it frees when the
+input is loose; ``sweep[i, j]`` the peak of the region's unrecorded first pass (side tensors included);
 ``copy_{i,j} = Σ_{k=i}^{j-1} recompute_copy_k`` what the region's recomputation copies (norm statistics),
 charged beside its body as the simulator charges it (Note [Copies in recomputation]);
 ``region_end[i]`` how far a region starting at ``i`` may reach (checkpointable stages that join).
 An option (a :class:`remat.BlockOption`: block ``i`` in its own checkpoint with a selective policy)
 keeps ``kept_{i,k}`` bytes and adds ``r_{i,k}`` seconds; ``body_i`` is the peak of its backward, the
 record rebuilt (``max(x_{i+1} + xbar_i + of_i + copy_i, x_i + x_{i+1} + xbar_i - released_i + extra_i + ob_i) +
-hold_i``, as :func:`remat.planning.simulate._selective` counts it), never below ``body_{i,k} = x_i + x_{i+1}
-+ xbar_i - released_i + ob_i + bwd_extra_{i,k} + hold_i`` (the option's measured backward peak).
+hold_i + side_i``, as :func:`remat.planning.simulate._selective` counts it), never below ``body_{i,k} = x_i +
+x_{i+1} + xbar_i - released_i + ob_i + bwd_extra_{i,k} + hold_i + side_i`` (the option's measured backward peak).
 
 Memory is discretised into slots of ``delta = floor(M / slots)`` bytes, where ``M`` is the budget less
 :attr:`Profile.base_bytes` (fixed memory, the input, the head's residual); every size is rounded *up* to
@@ -79,6 +82,8 @@ class Table:
     beside: Ints = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     # options[i]: per option of stage i, (the Selective item that runs it, the slots it keeps)
     options: tuple[tuple[tuple[Selective, int], ...], ...] = ()
+    # side_before[i]: slots of the side tensors of stages before i, which a region i..j-1 holds as side_before[j] - [i]
+    side_before: Ints = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def feasible_slots(self) -> Ints:
         """Slot counts at which the whole chain is feasible."""
@@ -109,7 +114,7 @@ class Table:
             else:  # a region i..j-1, then the rest from j
                 j = choice
                 out.append(Region(i, j, self._items(PINNED, i, j - 1, m - int(self.beside[i, j - 1]))))
-                m -= int(self.x[j])
+                m -= int(self.x[j]) + (int(self.side_before[j] - self.side_before[i]) if self.side_before.size else 0)
                 i = j
             pinned = LOOSE
 
@@ -120,6 +125,8 @@ class _Chain:
 
     x: Ints  # x[i]: input of stage i; x[n] = 0, nothing after the head
     xbar: Ints
+    side: Ints  # side[i]: stage i's side tensors and their gradients
+    side_before: Ints  # side_before[i] = Σ_{k<i} side[k] (n + 1 entries)
     keep: Ints  # keep[pinned, i]
     margin: Ints  # what a backward may need beyond the chain model, on the safe side (module docstring)
     beside: Ints  # beside[i, l]: beside a region i..l's body, what its end holds and the copies it makes
@@ -136,7 +143,7 @@ class _Chain:
 @dataclass(frozen=True)
 class _Option:
     item: Selective
-    kept: int  # slots kept from the first pass to the backward, output included
+    kept: int  # slots kept from the first pass to the backward, output and side tensors included
     of: int  # slots above kept during the first pass
     extra_s: float  # recompute_s
     body: int  # slots its backward needs beyond the stage's body: a plain backward plus bwd_extra_bytes
@@ -164,36 +171,46 @@ def _chain_in_slots(profile: Profile, delta: int) -> _Chain:
     of = _up([s.fwd_transient_bytes for s in st], delta)
     ob = _up([s.bwd_transient_bytes for s in st], delta)
     hold = _up([s.recompute_hold_bytes for s in st], delta)
+    side = _up([s.side for s in st], delta)
     plain_backward = x[:-1] + x[1:] + xbar - released + ob
     own_copy = _up([s.recompute_copy_bytes for s in st], delta)  # a selective rebuild copies its norms' statistics
-    body = np.maximum(x[1:] + xbar + of + own_copy, plain_backward + extra) + hold
+    body = np.maximum(x[1:] + xbar + of + own_copy, plain_backward + extra) + hold + side
     options = tuple(
-        tuple(_Option(Selective(i, o.name, o.save), -(-o.kept_bytes // delta), -(-o.fwd_transient_bytes // delta),
-                      o.recompute_s, int(plain_backward[i] + hold[i]) + -(-o.bwd_extra_bytes // delta))
+        tuple(_Option(Selective(i, o.name, o.save), -(-o.kept_bytes // delta) + int(side[i]),
+                      -(-o.fwd_transient_bytes // delta), o.recompute_s,
+                      int(plain_backward[i] + hold[i] + side[i]) + -(-o.bwd_extra_bytes // delta))
               for o in s.options)
         for i, s in enumerate(st)
     )
+    side_before = np.concatenate([[0], np.cumsum(side)]).astype(np.int64)
     return _Chain(
         x=x,
         xbar=xbar,
-        keep=np.stack([xbar, xbar - freed]),
+        side=side,
+        side_before=side_before,
+        keep=np.stack([xbar + side, xbar + side - freed]),
         margin=np.maximum(0, extra - released),
-        beside=hold[None, :] + -(-copy_bytes(profile) // delta),
+        beside=hold[None, :] + -(-beside_bytes(profile) // delta),
         of=of,
         ob=ob,
         step_s=uf + ub,
         region_s_before=np.concatenate([[0.0], np.cumsum([s.region_s for s in st])]),
         region_end=region_ends(profile),
-        sweep=_sweeps(x, _up([s.fwd_nograd_transient_bytes for s in st], delta)),
+        sweep=_sweeps(x, _up([s.fwd_nograd_transient_bytes for s in st], delta), side_before),
         body=body,
         options=options,
     )
 
 
-def copy_bytes(profile: Profile) -> Ints:
-    """``copies[i, l]``: bytes a region over stages ``i … l`` copies while it is recomputed, Σ_{k=i}^{l}
-    recompute_copy_k (zero where ``l < i``)."""
-    cum = np.concatenate([[0], np.cumsum([s.recompute_copy_bytes for s in profile.stages])]).astype(np.int64)
+def beside_bytes(profile: Profile) -> Ints:
+    """``beside[i, l]``: bytes live beside the body of a region over stages ``i … l`` besides what its end
+    holds: the copies its recomputation makes and the gradients of its stages' side tensors,
+    Σ_{k=i}^{l} (recompute_copy_k + side_grad_k) (zero where ``l < i``)."""
+    return _range_sums([s.recompute_copy_bytes + s.side_grad_bytes for s in profile.stages])
+
+
+def _range_sums(values: list[int]) -> Ints:
+    cum = np.concatenate([[0], np.cumsum(values)]).astype(np.int64)
     return np.triu(cum[None, 1:] - cum[:-1, None])
 
 
@@ -211,15 +228,15 @@ def region_ends(profile: Profile) -> Ints:
     return end
 
 
-def _sweeps(x: Ints, ofn: Ints) -> Ints:
-    """``sweep[i, j]``: peak above the held ``x_i`` of an unrecorded pass over ``i … j-1``."""
+def _sweeps(x: Ints, ofn: Ints, side_before: Ints) -> Ints:
+    """``sweep[i, j]``: peak above the held ``x_i`` of an unrecorded pass over ``i … j-1``, the side tensors
+    of ``i … k`` live at stage ``k``."""
     n = len(ofn)
     sweep = np.zeros((n, n + 1), dtype=np.int64)
     for i in range(n):
-        best = 0
-        for k in range(i, n):
-            best = max(best, (x[k] if k > i else 0) + x[k + 1] + ofn[k])
-            sweep[i, k + 1] = best
+        steps = x[i:n] + x[i + 1 : n + 1] + ofn[i:n] + side_before[i + 1 : n + 1] - side_before[i]
+        steps[0] -= x[i]  # the pass's own input is held outside the figure
+        sweep[i, i + 1 :] = np.maximum.accumulate(steps)
     return sweep
 
 
@@ -242,7 +259,7 @@ def solve_table(profile: Profile, activation_bytes: int, slots: int = 500) -> Ta
             dp.solve_range(i, l)
     options = tuple(tuple((o.item, o.kept) for o in per) for per in chain.options)
     return Table(cost=dp.cost, decision=dp.decision, delta=delta, slots=budget, x=chain.x, keep=chain.keep,
-                 width=width, beside=chain.beside, options=options)
+                 width=width, beside=chain.beside, options=options, side_before=chain.side_before)
 
 
 class _Solver:
@@ -292,14 +309,30 @@ class _Solver:
         if j_last < i + 1:
             return region, choice
         js = np.arange(i + 1, j_last + 1)
-        options = self.rest_after_region[l, i + 1 : j_last + 1] + self.recompute[i, i:j_last]  # [j, m]
+        sides = c.side_before[js] - c.side_before[i]  # what the region holds beside x_j: its side tensors
+        options = self._rest_after(l, i, j_last, sides) + self.recompute[i, i:j_last]  # [j, m]
         options += (c.region_s_before[js] - c.region_s_before[i])[:, None]
-        needs = np.minimum(top + 1, np.maximum(c.x[l + 1] + c.sweep[i, js], c.x[js]))
+        needs = np.minimum(top + 1, np.maximum(c.x[l + 1] + c.sweep[i, js], c.x[js] + sides))
         options += self.below[needs]
         best = np.argmin(options, axis=0)
         region = np.take_along_axis(options, best[None, :], axis=0)[0]
         choice = np.where(np.isfinite(region), js[best], 0).astype(np.int32)
         return region, choice
+
+    def _rest_after(self, l: int, i: int, j_last: int, sides: Ints) -> Floats:
+        """``[j, m]``: the rest ``j … l`` beside a region ``i … j-1``'s output and side tensors, for ``j`` in
+        ``i+1 … j_last``: ``rest_after_region[l, j, m - sides[j]]`` (``sides`` never decreases in ``j``: one
+        shifted slice per run of equal values, few where few stages make side tensors)."""
+        rest = self.rest_after_region[l, i + 1 : j_last + 1]
+        if sides[-1] == 0:
+            return rest
+        out = np.full_like(rest, INF)
+        cuts = [0, *(np.nonzero(np.diff(sides))[0] + 1).tolist(), len(sides)]
+        for a, b in zip(cuts, cuts[1:]):
+            d = int(sides[a])
+            if d <= self.width:
+                out[a:b, d:] = rest[a:b, : self.width + 1 - d]
+        return out
 
     def _best_option(self, i: int, l: int) -> tuple[Floats, npt.NDArray[np.int32]]:
         """Per slot count, the cheapest selective option of stage ``i`` followed by ``i+1 … l``, and its
@@ -319,7 +352,8 @@ class _Solver:
         """Per slot count, the cost of recording stage ``i`` and then processing ``i+1 … l``."""
         c = self.chain
         keep = int(c.keep[pinned, i])
-        needs = max(c.x[l + 1] + c.xbar[i] + c.of[i], c.x[i] + c.x[i + 1] + keep + c.ob[i] + c.margin[i], keep, 0)
+        needs = max(c.x[l + 1] + c.xbar[i] + c.side[i] + c.of[i], c.x[i] + c.x[i + 1] + keep + c.ob[i] + c.margin[i],
+                    keep, 0)
         return self._then_rest(i, l, needs, keep, c.step_s[i])
 
     def _then_rest(self, i: int, l: int, needs: int, keep: int, step_s: np.float32) -> Floats:

@@ -22,12 +22,15 @@ __all__ = ["every_digest", "every_items", "safety_bytes", "simulate", "sweep_byt
 
 
 def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
-    """Peak (above the held input ``x_start``) of an unrecorded pass over stages ``start … stop-1``."""
+    """Peak (above the held input ``x_start``) of an unrecorded pass over stages ``start … stop-1``: at
+    stage ``k``, its input and output, its transient, and the side tensors of ``start … k`` (Note [Side
+    tensors])."""
     st = profile.stages
-    best = 0
+    best, sides = 0, 0
     for k in range(start, stop):
         held_in = st[k].x_bytes if k > start else 0
-        best = max(best, held_in + profile.output_bytes(k) + st[k].fwd_nograd_transient_bytes)
+        sides += st[k].side
+        best = max(best, held_in + profile.output_bytes(k) + st[k].fwd_nograd_transient_bytes + sides)
     return best
 
 
@@ -72,10 +75,17 @@ def _record(profile: Profile, i: int, reserve: int, *, pinned: bool, top: bool) 
     backward runs (``output_released_bytes``). Inside a recomputed region a stage's backward may need
     more than in the first pass (measured on GPT-2 blocks: the recomputation's last tensors are still
     live); the profile measures that per stage (``recompute_bwd_extra_bytes``) and it is charged there.
+
+    Note: [Side tensors] A stage's long-lived side tensors (a skip connection, an encoder output, a
+    position bias: ``side_bytes``) and their gradients (``side_grad_bytes``) are charged as held from the
+    stage's forward to its backward, whatever the plan does to the stages that read them: a record keeps
+    them beside ``xbar``, a region's first pass makes and keeps those of all its stages, and a region's
+    recomputation makes them again (its records keep them) while the gradients that arrived from their
+    readers are live beside it. Conservative and plan-independent: the chain DPs stay chain DPs.
     """
     s = profile.stages[i]
-    keep = s.xbar_bytes - (0 if pinned else s.input_freed_bytes)  # a loose input the stage does not save is freed
-    forward = reserve + s.xbar_bytes + s.fwd_transient_bytes
+    keep = s.xbar_bytes + s.side - (0 if pinned else s.input_freed_bytes)  # a loose input it does not save is freed
+    forward = reserve + s.xbar_bytes + s.side + s.fwd_transient_bytes
     extra = 0 if top else s.recompute_bwd_extra_bytes
     backward = (s.x_bytes + profile.output_bytes(i) + keep - s.output_released_bytes + extra
                 + s.bwd_transient_bytes)
@@ -93,15 +103,20 @@ def _region(profile: Profile, item: Region, reserve: int) -> _Step:
     is charged them throughout, like ``recompute_hold``: on the safe side, by the copies when the body
     peaks in a backward, because the DPs charge them so (a reserve that depends on where the region
     starts is not a term of their tables) and must agree with this simulator.
+
+    The first pass makes the side tensors of the region's stages and keeps them with ``x_j``; the body,
+    which runs after every reader's backward, makes them again and is charged their gradients beside it
+    (Note [Side tensors]).
     """
     i, j = item.start, item.stop
     st = profile.stages
     sweep = reserve + sweep_bytes(profile, i, j)
     x_j = profile.output_bytes(j - 1)
     time_body, peak_body = _seq(profile, item.body, x_j, False)
-    peak_body += st[j - 1].recompute_hold_bytes + sum(st[k].recompute_copy_bytes for k in range(i, j))
+    peak_body += st[j - 1].recompute_hold_bytes + sum(st[k].recompute_copy_bytes + st[k].side_grad_bytes
+                                                      for k in range(i, j))
     time_sweep = sum(st[k].region_s for k in range(i, j))
-    return _Step(time_sweep, max(sweep, peak_body), x_j, time_body)
+    return _Step(time_sweep, max(sweep, peak_body), x_j + sum(st[k].side for k in range(i, j)), time_body)
 
 
 def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
@@ -120,12 +135,12 @@ def _selective(profile: Profile, item: Selective, reserve: int) -> _Step:
     s = profile.stages[i]
     option = s.option(item.option)
     x_out = profile.output_bytes(i)
-    forward = reserve + option.kept_bytes + option.fwd_transient_bytes
+    forward = reserve + option.kept_bytes + s.side + option.fwd_transient_bytes
     rebuild = x_out + s.xbar_bytes + s.fwd_transient_bytes + s.recompute_copy_bytes  # its norms' statistics
     plain_backward = s.x_bytes + x_out + s.xbar_bytes - s.output_released_bytes + s.bwd_transient_bytes
     backward = plain_backward + max(s.recompute_bwd_extra_bytes, option.bwd_extra_bytes)
-    body = max(rebuild, backward) + s.recompute_hold_bytes
-    return _Step(s.fwd_s + s.bwd_s + option.recompute_s, max(forward, body), option.kept_bytes)
+    body = max(rebuild, backward) + s.recompute_hold_bytes + s.side  # Note [Side tensors]
+    return _Step(s.fwd_s + s.bwd_s + option.recompute_s, max(forward, body), option.kept_bytes + s.side)
 
 
 def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
@@ -157,9 +172,12 @@ def every_digest(profile: Profile) -> str:
     """What the every-block plan's peak above ``base_bytes`` depends on: the stages' byte figures and the
     head's residual. A profile changed after it was measured (sharded per rank, edited, loaded from an
     older file) no longer matches the digest kept with its measured peak, and keeps the margin."""
-    fields = [(s.x_bytes, s.xbar_bytes, s.fwd_transient_bytes, s.fwd_nograd_transient_bytes, s.bwd_transient_bytes,
-               s.input_freed_bytes, s.output_released_bytes, s.recompute_bwd_extra_bytes, s.recompute_hold_bytes,
-               s.recompute_copy_bytes, s.checkpointable) for s in profile.stages]
+    fields: list[tuple[int | bool, ...]] = [
+        (s.x_bytes, s.xbar_bytes, s.fwd_transient_bytes, s.fwd_nograd_transient_bytes, s.bwd_transient_bytes,
+         s.input_freed_bytes, s.output_released_bytes, s.recompute_bwd_extra_bytes, s.recompute_hold_bytes,
+         s.recompute_copy_bytes, s.checkpointable) for s in profile.stages]
+    if any(s.side for s in profile.stages):  # only then: a profile saved before side tensors keeps its digest
+        fields = [(*f, s.side_bytes, s.side_grad_bytes) for f, s in zip(fields, profile.stages)]
     return hashlib.sha1(repr((fields, profile.head_residual_bytes)).encode()).hexdigest()
 
 
@@ -218,11 +236,14 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     held = [0] * len(st)
     for pos, it in enumerate(items):
         if isinstance(it, Record):
-            held[it.stage] = st[it.stage].xbar_bytes - (st[it.stage].input_freed_bytes if pos > 0 else 0)
+            held[it.stage] = st[it.stage].xbar_bytes + st[it.stage].side - (st[it.stage].input_freed_bytes
+                                                                             if pos > 0 else 0)
         elif isinstance(it, Selective):
-            held[it.stage] = st[it.stage].option(it.option).kept_bytes
+            held[it.stage] = st[it.stage].option(it.option).kept_bytes + st[it.stage].side
         else:
-            held[it.stop - 1] = profile.output_bytes(it.stop - 1)
+            for k in range(it.start, it.stop):
+                held[k] = st[k].side
+            held[it.stop - 1] += profile.output_bytes(it.stop - 1)
     fwd = sum(s.fwd_s for s in st)
     bwd = sum(s.bwd_s for s in st)
     recompute = max(0.0, total - fwd - bwd)
