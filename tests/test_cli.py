@@ -134,7 +134,8 @@ def test_the_catalogs_positions_are_the_configs(name):
 
 
 #: The published configs of the models the built-ins are named after (the Hugging Face hub's config.json of
-#: gpt2, gpt2-medium, meta-llama/Llama-2-7b-hf, meta-llama/Llama-2-13b-hf, bert-base-uncased).
+#: gpt2, gpt2-medium, meta-llama/Llama-2-7b-hf, meta-llama/Llama-2-13b-hf, meta-llama/Meta-Llama-3-8B,
+#: bert-base-uncased).
 REAL_CONFIGS = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
@@ -142,6 +143,8 @@ REAL_CONFIGS = {
                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
     "bert-base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       vocab_size=30522, max_position_embeddings=512),
 }

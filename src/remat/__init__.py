@@ -22,7 +22,7 @@ from remat.errors import (
 )
 from remat.planning.budget import Share, parse_budget, share
 from remat.planning.plan import Plan, Prediction, Record, Region, Selective
-from remat.planning.profile import BlockOption, Profile, Stage
+from remat.planning.profile import BlockOption, HeadOption, Profile, Stage
 from remat.planning.simulate import simulate
 from remat.planning.solve import frontier, solve
 from remat.planning.strategies import register_strategy, strategies
@@ -33,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockOption",
     "BudgetError",
+    "ChunkedHead",
+    "HeadOption",
     "InfeasibleBudgetError",
     "Measurement",
     "MemoryTracker",
@@ -79,6 +81,7 @@ _LAZY = {
     "measure": ("remat.runtime.measure", "measure"),
     "available_bytes": ("remat.runtime.measure", "available_bytes"),
     "add_options": ("remat.runtime.ops", "add_options"),
+    "ChunkedHead": ("remat.runtime.head", "ChunkedHead"),
     "fsdp_profile": ("remat.runtime.distributed", "fsdp_profile"),
     "plan_for_job": ("remat.runtime.distributed", "plan_for_job"),
     "broadcast_plan": ("remat.runtime.distributed", "broadcast_plan"),
@@ -99,6 +102,7 @@ if TYPE_CHECKING:
     from remat.runtime.auto import auto
     from remat.runtime.distributed import broadcast_plan, check_same_plan, fsdp_profile, plan_for_job
     from remat.runtime.executor import apply, plan_of, remove
+    from remat.runtime.head import ChunkedHead
     from remat.runtime.measure import Measurement, MemoryTracker, available_bytes, measure
     from remat.runtime.ops import add_options
     from remat.runtime.optimizer import optimizer_state_bytes

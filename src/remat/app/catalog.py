@@ -98,6 +98,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in [
     _llama("llama-7b", "Llama-2-7B shape: 32 layers, hidden 4096, MLP 11008, vocab 32000",
            32, 4096, 11008, 32, 32, 32000, 4096),
     _llama("llama-13b", "Llama-2-13B shape: 40 layers, hidden 5120, MLP 13824", 40, 5120, 13824, 40, 40, 32000, 4096),
+    _llama("llama3-8b", "Llama-3-8B shape: 32 layers, hidden 4096, MLP 14336, GQA 32/8 heads, vocab 128256",
+           32, 4096, 14336, 32, 8, 128256, 8192),
     _llama("llama-tiny", "Llama-style, 6 layers, hidden 256, GQA 4/2 heads", 6, 256, 688, 4, 2, 8192, 1024),
     _bert("bert-base", "BERT base: 12 layers, hidden 768 (masked-LM loss)", 12, 768, 3072, 12, 30522, 512),
     ModelSpec("mlp", "residual MLP: 16 blocks, width 1024, hidden 4096", "mlp", MLP_WIDTH, 4096, 0, 16, None, None),

@@ -21,7 +21,7 @@ from remat.app.catalog import DTYPE_BYTES, MODELS, check_request, check_spec, co
 from remat.errors import RematError
 from remat.planning.budget import parse_budget
 from remat.planning.profile import Profile
-from remat.planning.solve import frontier, min_feasible_peak, solve
+from remat.planning.solve import frontier, min_feasible_peak, min_feasible_plan, solve
 from remat.planning.strategies import strategies
 from remat.units import format_bytes, format_seconds
 
@@ -29,7 +29,10 @@ __all__ = ["main"]
 
 #: Defaults of the options that build a model (None in the parsed arguments means "not given").
 MODEL_DEFAULTS: dict[str, Any] = {"batch": 8, "seq": 1024, "dtype": "float32", "device": "meta",
-                                  "throughput": "h100", "repeats": 3}
+                                  "throughput": "h100", "repeats": 3, "head": "keep"}
+
+#: What ``--head`` accepts: :data:`remat.runtime.head.HEADS` (a test checks that they agree).
+HEAD_NAMES = ("keep", "chunked")
 
 #: Names of :data:`remat.runtime.profiler.THROUGHPUTS`, here so that ``--help`` needs no torch (a test
 #: checks that they agree).
@@ -244,8 +247,8 @@ def _profile_model(args: argparse.Namespace, quiet: bool) -> tuple[Profile, str]
     built = args.user.build(**sizes, given=args.given) if args.user else zoo.build(args.model, **sizes)
     t0 = time.perf_counter()
     prof = profile(built.model, built.inputs, loss_fn=built.loss_fn, device=args.device,
-                         throughput=args.throughput, progress=sys.stderr.isatty() and not quiet,
-                         repeats=args.repeats)
+                   throughput=args.throughput, progress=sys.stderr.isatty() and not quiet,
+                   repeats=args.repeats, head=args.head)
     state = {name: optimizer_state_bytes(built.model, name, device=args.device) for name in OPTIMIZERS}
     # The step's temporaries (Note [The optimizer's step]); on meta, as on the GPU planned for (multi-tensor).
     steps = {name: optimizer_step_bytes(built.model, name, foreach=True if args.device == "meta" else None)
@@ -293,9 +296,11 @@ def _print_report(prof: Profile, desc: str, plan: Any) -> None:
     every = solve(prof, None, strategy="every")
     _print(desc)
     _print(f"fixed memory: {prof.fixed_summary()}")
+    least = min_feasible_plan(prof) if prof.head_options else None
+    chunks = f" (head in {least.head_chunks} chunks)" if least is not None and least.head_chunks else ""
     _print(f"peak without checkpointing {format_bytes(none.peak_bytes)}; every block checkpointed"
            f" {format_bytes(every.peak_bytes)} (+{100 * every.prediction.overhead:.1f}% time); smallest feasible"
-           f" {format_bytes(min_feasible_peak(prof))}")
+           f" {format_bytes(min_feasible_peak(prof))}{chunks}")
     _print("")
     _print(str(plan))
     fits = "fits" if plan.peak_bytes <= (plan.budget_bytes or plan.peak_bytes) else "does not fit"
@@ -412,6 +417,10 @@ def _model_args(q: argparse.ArgumentParser) -> None:
                    help=f"the device whose speed estimates times on meta (default {d['throughput']})")
     q.add_argument("--repeats", type=_positive("--repeats"),
                    help=f"timed runs per measurement on cpu or cuda (default {d['repeats']})")
+    q.add_argument("--head", choices=HEAD_NAMES,
+                   help="the loss head: keep it as the model has it, or let the planner run the output projection"
+                        " and the loss in chunks of tokens, each recomputed in backward (a transformers causal LM;"
+                        f" the planned model then returns its loss and no logits) (default {d['head']})")
 
 
 def _parser() -> argparse.ArgumentParser:

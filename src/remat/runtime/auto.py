@@ -21,6 +21,7 @@ from remat.planning.solve import solve
 from remat.runtime import hf
 from remat.runtime.distributed import plan_for_job
 from remat.runtime.executor import applied_state, apply, remove
+from remat.runtime.head import whole_heads
 from remat.runtime.measure import measure, optimizer_step_bytes
 from remat.runtime.ops import add_options
 from remat.runtime.optimizer import Spec, optimizer_state_bytes
@@ -36,21 +37,10 @@ log = logging.getLogger("remat")
 
 
 def auto(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    budget: Budget,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    optimizer: torch.optim.Optimizer | Spec | None = None,
-    strategy: str = "auto",
-    stages: Sequence[str] | None = None,
-    repeats: int = 3,
-    sizes: str = "auto",
-    verify: bool | str = True,
-    progress: bool | None = None,
-    block_options: bool = False,
-    throughput: Throughput | str | None = None,
-    autocast: Any = None,
+    model: nn.Module, example_inputs: Any, *, budget: Budget, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | Spec | None = None, strategy: str = "auto", stages: Sequence[str] | None = None,
+    repeats: int = 3, sizes: str = "auto", verify: bool | str = True, progress: bool | None = None,
+    block_options: bool = False, throughput: Throughput | str | None = None, autocast: Any = None, head: str = "keep",
     **options: Any,
 ) -> nn.Module:
     """Make one training step of ``model`` fit ``budget`` at the least extra time: profile, solve, apply,
@@ -70,11 +60,17 @@ def auto(
             estimated times); no profiling run exceeds the budget or the free memory (but on a model already sharded).
         verify: True (default): run the planned step once (:func:`remat.measure`), the output held through
             backward; :class:`remat.VerificationError` if its peak, optimizer state included, exceeds the
-            budget. ``"grads"``: also compare loss and gradients bit for bit with the plain model's.
+            budget. ``"grads"``: also compare loss and gradients with the plain model's: bit for bit, or,
+            with the head in chunks (summed in another order), within floating-point tolerance (the log
+            says which comparison it made).
         progress: a progress bar while profiling; None: when stderr is a terminal.
         block_options: also give the planner selective options inside blocks (:func:`remat.add_options`).
         autocast: the forward's dtype under ``torch.autocast`` (``torch.bfloat16``); default: the block
             open now, if any; False: none. A call under another autocast is refused when planned.
+        head: ``"keep"`` (default): the model's head as it is. ``"chunked"``: the planner may run the output
+            projection and the loss in chunks of tokens, each recomputed in backward, choosing how many with
+            the blocks' plan (:func:`remat.profile`; a transformers causal LM or a :class:`remat.ChunkedHead`).
+            A transformers model planned so returns its loss and ``logits=None`` when called with labels.
 
     Returns:
         The same model, planned in place (:func:`remat.remove` undoes it; :func:`remat.plan_of`: the plan).
@@ -88,7 +84,8 @@ def auto(
     ac = _checked(model, verify, autocast)
     with training(model):
         plan = _applied(model, functools.partial(_profiled, model, example_inputs, optimizer=optimizer, loss_fn=loss_fn,
-                                                 stages=stages, throughput=throughput, autocast=ac or False),
+                                                 stages=stages, throughput=throughput, autocast=ac or False,
+                                                 head=head),
                         budget, strategy, options, block_options=block_options, repeats=repeats, sizes=sizes,
                         progress=progress)
         if verify:
@@ -219,10 +216,14 @@ def _compare_gradients(model: nn.Module, step: Step, cuda: bool) -> None:
     state = applied_state(model)
     with preserved(model, cuda):
         planned = _seeded_grads(model, step)
-        with suspended(model, layerdrop=False):  # LayerDrop skips as in the planned run
+        with suspended(model, layerdrop=False), whole_heads(model):  # LayerDrop skips as in the planned run
             plain = _seeded_grads(model, step)
             with hf.users_cache(state.hf_state) if state is not None else contextlib.nullcontext(False) as other:
                 as_user = _seeded_grads(model, step) if other else None
+    chunks = state.plan.head_chunks if state is not None else None
+    if chunks:
+        _compare_within_tolerance(model, planned, plain, chunks)
+        return
     gap = _difference(planned, plain)
     if gap:
         remove(model)
@@ -241,6 +242,41 @@ def _compare_gradients(model: nn.Module, step: Step, cuda: bool) -> None:
 
 
 Grads = tuple[torch.Tensor, dict[str, torch.Tensor | None]]
+
+
+def _compare_within_tolerance(model: nn.Module, planned: Grads, plain: Grads, chunks: int) -> None:
+    """Note: [Comparing a chunked head] The head in chunks sums the loss and its gradients in another order
+    (Rule 2 of Note [Chunked head] in remat.runtime.head), so it is compared with the plain model (the head
+    whole) within tolerance, not bit for bit: each tensor's largest difference against ``rtol`` times its
+    largest value, ``rtol`` = max(1e-5, 16 eps) of its dtype (1e-5 in fp32, 0.125 in bf16)."""
+    pairs = [("loss", planned[0], plain[0]), *((n, planned[1][n], g) for n, g in plain[1].items())]
+    gaps = [(name, _relative_gap(a, b), _rtol(b)) for name, a, b in pairs]
+    over = [(name, gap) for name, gap, rtol in gaps if not gap <= rtol]
+    if over:
+        remove(model)
+        names = ", ".join(f"{n} ({g:.3g})" for n, g in over[:3])
+        raise VerificationError(
+            f"remat.auto: with the head in {chunks} chunks, {len(over)} of {len(gaps)} tensors (loss and gradients)"
+            f" differ from the plain model's beyond floating-point tolerance: {names}, as a share of each one's largest"
+            " value;"
+            " the plan was removed. Plan with head='keep', or report the model")
+    name, gap, _ = max(gaps, key=lambda g: g[1])
+    log.info("remat.auto: checked within floating-point tolerance, not bit for bit (the head in %d chunks sums in"
+             " another order): loss and %d gradients at most %.3g of their largest value from the plain model's"
+             " (in %s)", chunks, len(plain[1]), gap, name)
+
+
+def _relative_gap(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """The largest difference between ``a`` and ``b`` as a share of ``b``'s largest value (inf: one is None)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    return float(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item())
+
+
+def _rtol(t: torch.Tensor | None) -> float:
+    if t is None or not t.dtype.is_floating_point:
+        return 0.0
+    return max(1e-5, 16 * torch.finfo(t.dtype).eps)
 
 
 def _seeded_grads(model: nn.Module, step: Step) -> Grads:

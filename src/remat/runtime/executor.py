@@ -12,6 +12,7 @@ mode keeps less: no dropout masks). Gradients are the same as the plain model's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from remat.errors import PlanError, PlanMismatchError
 from remat.planning.plan import Plan
-from remat.runtime import hf
+from remat.runtime import head, hf
 from remat.runtime.model import describe_input_mismatch, inner_name, input_shapes, model_signature, unwrap
 from remat.runtime.regions import Runner
 from remat.runtime.step import Autocast
@@ -32,8 +33,9 @@ _STATE = "_remat_state"
 class _Applied:
     """What :func:`apply` installed: the plan, its runner, what it changed on a transformers model."""
 
-    def __init__(self, plan: Plan, runner: Runner, hf_state: hf.HFState) -> None:
-        self.plan, self.runner, self.hf_state = plan, runner, hf_state
+    def __init__(self, plan: Plan, runner: Runner, hf_state: hf.HFState,
+                 undo_head: Callable[[], None] | None = None) -> None:
+        self.plan, self.runner, self.hf_state, self.undo_head = plan, runner, hf_state, undo_head
 
 
 class _InputCheck:
@@ -151,6 +153,10 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True, check_mode
 
     Hugging Face models: gradient checkpointing of their own is switched off (remat's plan replaces
     it) and ``config.use_cache`` is set to False while the plan is applied; :func:`remove` restores both.
+
+    A plan with ``head_chunks`` runs the model's head that way (Note [Chunked head] in
+    :mod:`remat.runtime.head`): a transformers causal LM called with labels then returns its loss and
+    ``logits=None``; :func:`remove` restores the head.
     """
     if not isinstance(model, nn.Module):
         raise PlanError(f"remat.apply: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,10 +169,11 @@ def apply(model: nn.Module, plan: Plan, *, check_inputs: bool = True, check_mode
     if check_model:
         _check_model(model, plan, blocks)
     target = unwrap(model)  # DistributedDataParallel calls the model it wraps: the plan goes there
+    undo_head = head.install(target, plan.head_chunks) if plan.head_chunks is not None else None
     hf_state = hf.prepare(target, "remat.apply")
     runner = Runner(target, blocks, plan.items, plan.stage_names).install()
     target.register_forward_pre_hook(_InputCheck(plan, check_inputs), with_kwargs=True, prepend=True)
-    object.__setattr__(target, _STATE, _Applied(plan, runner, hf_state))
+    object.__setattr__(target, _STATE, _Applied(plan, runner, hf_state, undo_head))
     return model
 
 
@@ -182,5 +189,7 @@ def remove(model: nn.Module) -> nn.Module:
             del target._forward_pre_hooks[hook_id]
             target._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     hf.restore(target, state.hf_state)
+    if state.undo_head is not None:
+        state.undo_head()
     target.__dict__.pop(_STATE, None)
     return model

@@ -170,8 +170,16 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None, *,
                                " no stage to checkpoint")
         return chain, "sequential"
     if inputs is not None:
-        return discover(model, *inputs), "blocks"
+        return _without_loss_head(discover(model, *inputs)), "blocks"
     return _largest_module_list(model), "blocks"
+
+
+def _without_loss_head(chain: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """A :class:`remat.ChunkedHead` takes the hidden state and returns the loss: it is the head stage, never
+    a block (its chunks are its own checkpoints, Note [Chunked head] in remat.runtime.head)."""
+    from remat.runtime.head import ChunkedHead
+
+    return [(n, m) for n, m in chain if not isinstance(m, ChunkedHead)]
 
 
 def _check_forward(model: nn.Module) -> None:

@@ -34,11 +34,12 @@ from torch import nn
 
 from remat.errors import ProfileError, RematError
 from remat.planning.plan import Item, Record, Region
-from remat.planning.profile import Profile
+from remat.planning.profile import HeadOption, Profile
 from remat.planning.simulate import simulate, with_measured_every
 from remat.runtime import hf
 from remat.runtime.assemble import Runs, Times, assemble
 from remat.runtime.distributed import fsdp_profile
+from remat.runtime.head import chunk_counts, head_site, set_chunks
 from remat.runtime.measure import available_bytes, reset_grads
 from remat.runtime.model import (
     HEAD,
@@ -225,20 +226,10 @@ def _to_device(obj: Any, device: str) -> Any:
 
 
 def profile(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    stages: Sequence[str] | None = None,
-    device: str | None = None,
-    sizes: str = "auto",
-    limit_bytes: int | None = None,
-    warmup: int = 1,
-    repeats: int = 3,
-    throughput: Throughput | str | None = None,
-    progress: bool | None = False,
-    world_size: int | None = None,
-    autocast: Any = None,
+    model: nn.Module, example_inputs: Any, *, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    stages: Sequence[str] | None = None, device: str | None = None, sizes: str = "auto", limit_bytes: int | None = None,
+    warmup: int = 1, repeats: int = 3, throughput: Throughput | str | None = None, progress: bool | None = False,
+    world_size: int | None = None, autocast: Any = None, head: str = "keep",
 ) -> Profile:
     """Profile one training step of ``model`` as a chain of stages.
 
@@ -267,6 +258,11 @@ def profile(
             the model before sharding, made per rank by :func:`remat.runtime.distributed.fsdp_profile`.
         autocast: the forward's dtype under ``torch.autocast`` (``torch.bfloat16``); default: the block
             open now, if any; False: none (Note [The step that runs] in :mod:`remat.runtime.step`).
+        head: ``"keep"`` (default): the model's head as it is. ``"chunked"``: the head is also measured
+            with its output projection and loss in 1, 2, 4, ... checkpointed chunks of tokens
+            (``Profile.head_options``), for :func:`remat.solve` to choose with the blocks' plan (a
+            transformers causal LM or a :class:`remat.ChunkedHead`; Note [Chunked head] in
+            :mod:`remat.runtime.head`: a planned chunked head returns the loss and ``logits=None``).
 
     Returns:
         A :class:`remat.Profile`. ``meta["measured_peak_bytes"]`` is the exact peak of the profiled step
@@ -276,12 +272,16 @@ def profile(
         ProfileError: no chain can be found, or the stages do not run once each, in order.
     """
     tp, device = _checked(model, device=device, sizes=sizes, repeats=repeats, throughput=throughput)
+    if head == "chunked" and world_size:
+        raise RematError("remat.profile: head='chunked' with world_size= is not planned yet; profile with head='keep'")
     with contextlib.ExitStack() as stack:
+        chunked = stack.enter_context(head_site(model, example_inputs, loss_fn, head, "remat.profile"))
         real, fake = _steps(model, example_inputs, stack, loss_fn, _autocast(model, autocast, device), stages, device,
                             sizes)
         tick = stack.enter_context(_Progress(progress, 3 + warmup + 3 * repeats))
         prof = _profile(real, fake, loss_fn=loss_fn, stages=stages, device=device, sizes=sizes,
-                        limit_bytes=limit_bytes, warmup=warmup, repeats=repeats, throughput=tp, tick=tick)
+                        limit_bytes=limit_bytes, warmup=warmup, repeats=repeats, throughput=tp, tick=tick,
+                        head=chunked)
     prof = with_measured_every(_check_accounting(prof))
     return fsdp_profile(prof, model, world_size) if world_size else prof
 
@@ -508,25 +508,48 @@ _LIBC = _glibc()
 def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _Fake | None, *,
              loss_fn: Callable[[Any], torch.Tensor] | None, stages: Sequence[str] | None, device: str, sizes: str,
              limit_bytes: int | None, warmup: int, repeats: int, throughput: Throughput | None,
-             tick: _Progress) -> Profile:
+             tick: _Progress, head: bool = False) -> Profile:
     limit = limit_bytes if limit_bytes is not None or device == "meta" else _default_limit(device)
+    estimate = throughput or THROUGHPUTS["cpu" if device == "cpu" else "h100"]
     step, runs, real = _sized(make_real, fake, sizes=sizes, limit=limit, limited=limit_bytes is not None,
-                              loss_fn=loss_fn, stages=stages, throughput=throughput,
-                              estimate=throughput or THROUGHPUTS["cpu" if device == "cpu" else "h100"],
+                              loss_fn=loss_fn, stages=stages, throughput=throughput, estimate=estimate,
                               warmup=warmup, device=device, tick=tick)
     groups = _identical_blocks(step, runs)
-    if real is None or repeats < 1:
-        times = _estimated_times(runs, groups)
-    else:
-        kinds = ("full", "nograd", "every") if step is real else tuple(
-            kind for kind, run in (("nograd", runs.nograd), ("every", runs.every)) if limit is None or run.peak <= limit
-        )
-        times = (_measured_times(real, runs, kinds, groups, warmup, repeats, tick) if "nograd" in kinds
-                 else _estimated_times(runs, groups))
+    kinds = _timed_kinds(step, runs, real, limit, repeats)
+    times = (_measured_times(real, runs, kinds, groups, warmup, repeats, tick) if real is not None and "nograd" in kinds
+             else _estimated_times(runs, groups))
     every_peak = _every_on_device(real, step, limit) if real is not None and repeats >= 1 else None
+    build = _assembler(step, real, times, device, repeats)
+    prof = build(runs, times)
+    if head:
+        timing = _Timing(real, kinds if "nograd" in kinds else (), groups, warmup, repeats, tick)
+        running = fake.running(device == "meta" or device.startswith("cuda")) if fake is not None and step is not real \
+            else contextlib.nullcontext()
+        with running:
+            prof = _with_head_options(prof, build, step, runs, times, timing, throughput if step is real else estimate)
+    if every_peak is None:
+        return prof
+    meta = {**prof.meta, "measured_every_peak_bytes": every_peak, "every_on_device": True}
+    return dataclasses.replace(prof, meta=meta)
+
+
+def _timed_kinds(step: _Step, runs: Runs, real: _Step | None, limit: int | None, repeats: int) -> tuple[str, ...]:
+    """The kinds of run timed on the device: all when the step's sizes were measured there, else those that
+    fit (none: times are estimated)."""
+    if real is None or repeats < 1:
+        return ()
+    if step is real:
+        return ("full", "nograd", "every")
+    return tuple(kind for kind, run in (("nograd", runs.nograd), ("every", runs.every))
+                 if limit is None or run.peak <= limit)
+
+
+def _assembler(step: _Step, real: _Step | None, times: Times, device: str,
+               repeats: int) -> Callable[[Runs, Times], Profile]:
+    """:func:`assemble` with the step's figures beside its runs and times."""
     params = {id(p): p for p in step.model.parameters()}.values()
-    prof = assemble(
-        runs, times,
+    return functools.partial(
+        assemble,
         params_bytes=sum(p.untyped_storage().nbytes() for p in params),
         grads_bytes=sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None),
         fingerprint=f"{model_signature(step.model, step.names)}:{input_signature(step.args, step.kwargs)}",
@@ -536,10 +559,51 @@ def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _F
               "params_numel": sum(p.numel() for p in params), "estimated_times": times.source == "estimated",
               **({"autocast": str(step.autocast)} if step.autocast is not None else {})},
     )
-    if every_peak is None:
-        return prof
-    meta = {**prof.meta, "measured_every_peak_bytes": every_peak, "every_on_device": True}
-    return dataclasses.replace(prof, meta=meta)
+
+
+@dataclass
+class _Timing:
+    """How the profile timed its runs: on ``real``, the run kinds timed (none: estimated), and the rest."""
+
+    real: _Step | None
+    kinds: tuple[str, ...]
+    groups: dict[int, list[int]]
+    warmup: int
+    repeats: int
+    tick: _Progress
+
+
+def _with_head_options(prof: Profile, build: Callable[[Runs, Times], Profile], step: _Step, runs: Runs,
+                       times: Times, timing: _Timing, throughput: Throughput | None) -> Profile:
+    """Note: [Measuring the head's options] The profile ran with the head whole; for each chunk count
+    (:func:`remat.runtime.head.chunk_counts`) the step runs recording again with the head in that many
+    chunks, tracked (and timed as the profile's recording runs were), and is assembled with the profile's
+    other runs: its head stage and residual, checked against that run's peak (Note [Every byte accounted]),
+    are a :class:`HeadOption`. Only the head changes between them; the blocks' figures are the profile's."""
+    models = {id(s.model): s.model for s in (step, timing.real) if s is not None}.values()
+    options = []
+    try:
+        for c in chunk_counts(step.model):
+            for m in models:
+                set_chunks(m, c)
+            variant = dataclasses.replace(runs, full=step.tracked("full", throughput))
+            timing.tick(f"head in {c} chunks")
+            variant_prof = _check_accounting(build(variant, _head_times(variant, times, timing)))
+            options.append(HeadOption(c, variant_prof.stages[-1], variant_prof.head_residual_bytes))
+    finally:
+        for m in models:
+            set_chunks(m, 0)
+    return dataclasses.replace(prof, head_chunks=0, head_options=tuple(options))
+
+
+def _head_times(runs: Runs, times: Times, timing: _Timing) -> Times:
+    """The times of a run with the head in chunks: its recording runs timed as the profile's were (its
+    unrecorded runs are the profile's: the head is never in a checkpoint region)."""
+    kinds = tuple(k for k in timing.kinds if k != "nograd")
+    if timing.real is None or not kinds:
+        return _estimated_times(runs, timing.groups)
+    timed = _measured_times(timing.real, runs, kinds, timing.groups, timing.warmup, timing.repeats, timing.tick)
+    return dataclasses.replace(timed, nograd=times.nograd, source=times.source)
 
 
 def _every_on_device(real: _Step, step: _Step, limit: int | None) -> int | None:
