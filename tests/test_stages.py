@@ -165,3 +165,28 @@ def test_a_stage_whose_output_lives_on_starts_no_region_with_the_next_one():
         measured = remat.measure(lambda: loss_fn(model(x)).backward(), model=model, inputs=[x], repeats=0)
         assert measured.peak_bytes <= plan.prediction.peak_bytes, plan
         remat.remove(model)
+
+
+def test_a_vision_language_model_has_the_blocks_of_both_towers():
+    # Llava: the language model takes `inputs_embeds` (the text embeddings with the image features scattered in),
+    # and the chain starts at the images: the vision tower's layers, the projector, the language model's layers
+    from .test_beyond_chains import bc
+
+    model, inputs, _ = bc.llava(vision_layers=2, text_layers=3)
+    pairs, _ = find_stages(model, None, inputs=as_call(inputs))
+    names = [n for n, _ in pairs]
+    assert names[:2] == ["model.vision_tower.encoder.layers.0", "model.vision_tower.encoder.layers.1"]
+    assert "model.multi_modal_projector" in names
+    assert names[-3:] == [f"model.language_model.layers.{i}" for i in range(3)]
+
+
+def test_a_unet_is_planned_at_the_granularity_of_its_own_checkpointing():
+    # diffusers checkpoints each resnet and attention of its down, mid and up blocks; so does remat's chain
+    pytest.importorskip("diffusers")
+    from .test_beyond_chains import bc
+
+    model, inputs, _ = bc.unet(layers_per_block=1)
+    names = [n for n, _ in find_stages(model, None, inputs=as_call(inputs))[0]]
+    assert names[0] == "down_blocks.0.resnets.0" and "mid_block.attentions.0" in names
+    assert names[-1] == "up_blocks.1.attentions.1"
+    assert sum(n.startswith("up_blocks.") for n in names) >= 6

@@ -83,6 +83,11 @@ def split_carry(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         return next(((v, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)), (None, None))
     if first.name in kwargs:
         return kwargs[first.name], first.name
+    # transformers' models take their hidden state as `inputs_embeds` instead of `input_ids` (a Llava's
+    # language model, given the text embeddings with the image features scattered in)
+    embeds = kwargs.get("inputs_embeds")
+    if first.name == "input_ids" and isinstance(embeds, torch.Tensor):
+        return embeds, "inputs_embeds"
     return None, None
 
 
@@ -346,9 +351,9 @@ class _Chain:
         return (self.rec.counts.get(id(c.module), 0) == 1 and c.carry is not None and c.out is not None
                 and not c.in_place and c.end >= 0 and any(True for _ in c.module.parameters()))
 
-    def _walk(self, index: int, start: Sequence[int], resets: set[int]) -> _Level:
+    def _walk(self, index: int, start: Sequence[int], resets: set[int], side: Sequence[int] = ()) -> _Level:
         rec, call = self.rec, self.rec.calls[index]
-        tag: dict[int, Tags] = dict.fromkeys(start, frozenset({-1}))
+        tag: dict[int, Tags] = {**dict.fromkeys(side, frozenset({-2})), **dict.fromkeys(start, frozenset({-1}))}
         level = _Level({}, [])
         pos = call.start
         for child in call.children:
@@ -376,19 +381,20 @@ class _Chain:
                 level.reads.append((i, read))
                 tag.update(dict.fromkeys(op.outs, read))
 
-    def members(self, index: int, start: Sequence[int]) -> list[int]:
+    def members(self, index: int, start: Sequence[int], side: Sequence[int] = ()) -> list[int]:
         """The longest chain of eligible sub-calls of call ``index``: each takes (in its first input, or
         in another one: a decoder block reading the encoder's output) what the one before it returned;
-        the first takes the call's input."""
+        the first takes the call's input (``start``), or one of its other inputs (``side``: a Llava's images,
+        whose tower and projector run before its language model)."""
         children = [c for c in self.rec.calls[index].children if c in self.eligible]
-        level = self._walk(index, start, set(children))
+        level = self._walk(index, start, set(children), side)
         # child -> (chain length ending there, links through a first input, previous)
         best: dict[int, tuple[int, int, int | None]] = {}
         for c in children:
             carry, extras = level.tags_in[c]
             options = [(best[d][0] + 1, best[d][1] + (d in carry), d) for d in best if d in carry or d in extras]
-            if -1 in carry:
-                options.append((1, 1, None))
+            if -1 in carry or -2 in carry:
+                options.append((1, int(-1 in carry), None))
             if options:
                 best[c] = max(options, key=lambda o: o[:2])
         if not best:
@@ -404,7 +410,7 @@ class _Chain:
         """The members that replace call ``index`` (rule 2), or None."""
         carry = self.rec.calls[index].carry
         assert carry is not None
-        members = self.members(index, [carry])
+        members = self.members(index, [carry], self.rec.calls[index].extras)
         if not members:
             return None
         shape = self._shape(index, carry, members)
