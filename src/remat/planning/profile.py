@@ -405,7 +405,6 @@ class Profile:
         of = list(fwd_transient_bytes or zeros)
         ofn = list(fwd_nograd_transient_bytes or zeros)
         ob = list(bwd_transient_bytes or zeros)
-        side, side_grad = list(side_bytes or zeros), list(side_grad_bytes or zeros)
         names = list(names) if names is not None else [f"stage{i}" for i in range(n)]
         ck = list(checkpointable) if checkpointable is not None else [True] * n
         kind = list(kinds) if kinds is not None else ["block"] * (n - 1) + ["head"]
@@ -423,8 +422,8 @@ class Profile:
                 bwd_transient_bytes=int(ob[i]),
                 kind=kind[i],
                 checkpointable=ck[i] and i != n - 1 and kind[i] == "block",
-                side_bytes=int(side[i]),
-                side_grad_bytes=int(side_grad[i]),
+                side_bytes=int(lists["side_bytes"][i]),
+                side_grad_bytes=int(lists["side_grad_bytes"][i]),
             )
             for i in range(n)
         )
