@@ -512,7 +512,8 @@ class Run:
     def at_least(self, least: int) -> str:
         model, refused = planned_at(self.fresh(), self.inputs, least, self.loss_fn, verify=True)
         measured = self.peak(model)
-        return f"{refused}{share(measured, self.plain)}{over(measured, least, self.own(model))}; {plan_summary(model)}"
+        beside = None if refused else self.own(model)
+        return f"{refused}{share(measured, self.plain)}{over(measured, least, beside)}; {plan_summary(model)}"
 
     def peer(self, row: Row, enable: Callable[[nn.Module], None], least: int | Exception, timing: bool,
              rounds: int) -> None:
@@ -544,7 +545,8 @@ class Run:
         if isinstance(measured, Exception):
             row.at_peer = short(measured)
             return
-        row.at_peer = (f"{refused}{share(measured, self.plain)}{over(measured, peer_peak, self.own(planned))};"
+        beside = None if refused else self.own(planned)
+        row.at_peer = (f"{refused}{share(measured, self.plain)}{over(measured, peer_peak, beside)};"
                        f" {plan_summary(planned)}")
         same = self.attempt("gradients", lambda: grads_equal(grads_of(planned, self.inputs, self.loss_fn),
                                                              self.reference))
