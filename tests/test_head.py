@@ -248,3 +248,19 @@ def test_the_cli_plans_the_head_and_refuses_it_with_a_saved_profile(capsys, tmp_
     assert "smallest feasible" in capsys.readouterr().err
     assert main(["plan", "--profile", str(path), "--budget", "1GiB", "--head", "chunked"]) == 2
     assert "--head" in capsys.readouterr().err
+
+
+def test_a_chunked_head_the_user_set_is_kept_and_checked_bit_for_bit_with_the_default(caplog):
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.head.chunks = 4
+    ids = torch.randint(0, 2048, (4, 64))
+    with caplog.at_level(logging.INFO, logger="remat"):
+        remat.auto(model, (ids, ids), budget="97%", verify="grads", repeats=1)
+    assert remat.plan_of(model).head_chunks is None and model.head.chunks == 4
+    assert "bitwise equal to the plain model's" in caplog.text
+
+
+def test_fsdp_with_the_chunked_head_is_refused_before_any_work(capsys):
+    assert main(["plan", "gpt2-tiny", "--budget", "1GiB", "--fsdp", "2", "--head", "chunked"]) == 2
+    assert "--fsdp with --head chunked" in capsys.readouterr().err

@@ -227,6 +227,9 @@ def _check_plan_args(args: argparse.Namespace) -> None:
                          " (remat.frontier gives the frontier's plans in Python)")
     if args.plot is not None:
         _check_output(args.plot, "--plot", png=True)
+    if args.fsdp and getattr(args, "head", None) == "chunked":
+        raise UsageError("--fsdp with --head chunked is not planned yet (FSDP2 unshards the head's weight per chunk):"
+                         " drop one of them")
     if args.fsdp and args.profile:
         raise UsageError("--fsdp plans from the model itself (its parameters' shapes): give a model, not --profile")
     _check_user_model(args)

@@ -214,13 +214,14 @@ def _compare_gradients(model: nn.Module, step: Step, cuda: bool) -> None:
     off too), not recomputation. A difference from the cache-off plain step is recomputation that is not
     bit-exact: refused, naming the parameters and by how much."""
     state = applied_state(model)
+    chunks = state.plan.head_chunks if state is not None else None
     with preserved(model, cuda):
         planned = _seeded_grads(model, step)
-        with suspended(model, layerdrop=False), whole_heads(model):  # LayerDrop skips as in the planned run
+        # LayerDrop skips as in the planned run; a head the plan runs in chunks, whole
+        with suspended(model, layerdrop=False), whole_heads(model) if chunks else contextlib.nullcontext():
             plain = _seeded_grads(model, step)
             with hf.users_cache(state.hf_state) if state is not None else contextlib.nullcontext(False) as other:
                 as_user = _seeded_grads(model, step) if other else None
-    chunks = state.plan.head_chunks if state is not None else None
     if chunks:
         _compare_within_tolerance(model, planned, plain, chunks)
         return
