@@ -667,7 +667,7 @@ def test_the_every_block_plan_is_charged_its_measured_peak_while_the_profile_is_
     assert with_measured_every(dataclasses.replace(kept, fixed_bytes=kept.fixed_bytes + 5000)).meta == kept.meta
 
 
-# ---- long-lived side tensors (Note [Side tensors] in remat.planning.simulate) ------------------------------
+# ---- long-lived side tensors (Note [Side tensors] in remat.planning.cost) ----------------------------------
 
 
 def with_sides(profile, side, grad):
@@ -833,3 +833,21 @@ def test_held_bytes_and_digest_count_side_tensors():
     assert every_digest(plain) == hashlib.sha1(repr((legacy, 0)).encode()).hexdigest()  # saved digests still match
     assert every_digest(p) != every_digest(dataclasses.replace(p, stages=(
         dataclasses.replace(p.stages[0], side_grad_bytes=2), *p.stages[1:])))
+
+
+def test_the_exact_cost_model_is_made_once_per_profile_and_dropped_with_it():
+    """Note [One cost model]: the simulator reads the exact figures of a profile from one Costs object, kept
+    while the profile lives (the strategies simulate many plans of one profile) and not after."""
+    import gc
+
+    from remat.planning import cost
+
+    p = chain(12, 3)
+    simulate(p, solve(p, None, strategy="every"))
+    kept = cost.exact_costs(p)
+    assert cost.exact_costs(p) is kept
+    key = id(p)
+    assert cost._EXACT[key] is kept
+    del p, kept
+    gc.collect()
+    assert key not in cost._EXACT
