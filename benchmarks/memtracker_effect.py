@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.autograd.graph import register_multi_grad_hook
 from torch.distributed._tools import mod_tracker
+from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed._tools.mod_tracker import ModTracker
 
 import remat

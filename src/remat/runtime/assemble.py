@@ -263,20 +263,28 @@ def _without_held_output(runs: Runs, stages: list[Stage]) -> tuple[list[Stage], 
 
 def _kept_by_the_model(runs: Runs, stages: list[Stage]) -> tuple[list[Stage], int]:
     """Note: [Outputs the model keeps] A block may return more than its hidden state, and the model's code
-    may keep it: x-transformers' attention returns its attention maps in a dataclass, which the decoder
-    keeps in a list for the whole forward. A checkpoint frees nothing the model still holds. In the run
-    with every block its own region, block k's first pass should leave only its output live; what it
-    leaves beyond that is kept by the model whatever the plan: counted as live through the whole step (the
-    head's residual, with the held output) and taken out of the block's record, so that no plan is charged
-    less than it holds (a record keeps it until its backward, the residual to the end: the safe side)."""
-    tl, n = runs.full.tl, len(runs.names)
+    may keep it: T5's block 0 returns the position bias every later block reads, x-transformers' attention
+    returns its attention maps in a dataclass, which the decoder keeps in a list for the whole forward. A
+    checkpoint frees nothing the model still holds. In the run with every block its own region, block k's
+    first pass should leave only its output live; what it leaves beyond that is kept by the model whatever
+    the plan, and taken out of the block's record. What is gone by the end of the step is the block's side
+    tensors (``side_bytes``, with the gradients of those that require grad: ``side_grad_bytes``), held from
+    its forward to its backward (Note [Side tensors] in the cost model); what the step's output still holds
+    at its end (a T5's encoder output, returned beside the loss) is live through the whole step: the head's
+    residual, with the held output."""
+    tl, every, n = runs.full.tl, runs.every.tl, len(runs.names)
     out, kept = list(stages), 0
     for k in range(n):
         out_k = (tl.x_bytes[k + 1] or 0) if k + 1 < n else tl.head_x_bytes
         extra = min(max(0, runs.every.block[k].rise - out_k), out[k + 1].xbar_bytes)
-        if extra > 0:
-            out[k + 1] = dataclasses.replace(out[k + 1], xbar_bytes=out[k + 1].xbar_bytes - extra)
-            kept += extra
+        if extra <= 0:
+            continue
+        at_end = min(extra, every.sides_at_end[k])
+        side = extra - at_end
+        grads = min(side, sum(nbytes for _, nbytes, grad in every.sides[k] if grad))
+        out[k + 1] = dataclasses.replace(out[k + 1], xbar_bytes=out[k + 1].xbar_bytes - extra, side_bytes=side,
+                                         side_grad_bytes=grads)
+        kept += at_end
     return out, kept
 
 

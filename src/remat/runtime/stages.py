@@ -392,7 +392,8 @@ class _Chain:
         best: dict[int, tuple[int, int, int | None]] = {}
         for c in children:
             carry, extras = level.tags_in[c]
-            options = [(best[d][0] + 1, best[d][1] + (d in carry), d) for d in best if d in carry or d in extras]
+            options: list[tuple[int, int, int | None]] = [
+                (best[d][0] + 1, best[d][1] + (d in carry), d) for d in best if d in carry or d in extras]
             if -1 in carry or -2 in carry:
                 options.append((1, int(-1 in carry), None))
             if options:
@@ -481,8 +482,8 @@ def _stack(classes: Sequence[type], handed: Sequence[bool]) -> bool:
 
 
 def _trimmed(calls: Sequence[_Call], chain: list[int]) -> list[int]:
-    """From the first to the last member of a repeated class written outside ``torch``, or without the
-    leading embeddings (rule 3)."""
+    """From the first to the last member of a repeated class written outside ``torch``, without embeddings
+    (rule 3), or without the leading embeddings."""
     classes = [type(calls[i].module) for i in chain]
     own = {k for k in classes if classes.count(k) >= 2 and not k.__module__.startswith("torch.")
            and not issubclass(k, nn.Embedding)}
@@ -490,7 +491,8 @@ def _trimmed(calls: Sequence[_Call], chain: list[int]) -> list[int]:
         lead = next((j for j, i in enumerate(chain) if not isinstance(calls[i].module, nn.Embedding)), len(chain))
         return chain[lead:]
     where = [j for j, k in enumerate(classes) if k in own]
-    return chain[where[0]:where[-1] + 1]
+    # an embedding between the stacks (a decoder's, after the encoder) is code between stages too
+    return [i for i in chain[where[0]:where[-1] + 1] if not isinstance(calls[i].module, nn.Embedding)]
 
 
 def discover(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, nn.Module]]:

@@ -101,6 +101,22 @@ class Event:
     ops: int = 0  # ops run in the window that ends here
 
 
+def _sides(out: Any, inputs: Any) -> list[tuple[Any, int, bool]]:
+    """The tensors a block returned besides its carry that it made (not one of its inputs handed back, as T5's
+    blocks return the position bias they were given): (storage reference, bytes, requires grad), each storage
+    once."""
+    carry = carry_of(out)
+    given = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+    if isinstance(carry, torch.Tensor):
+        given.add(id(carry.untyped_storage()))
+    found: dict[int, tuple[Any, int, bool]] = {}
+    for t in torch.utils._pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in given:
+            found.setdefault(id(t.untyped_storage()), (_ref(t.untyped_storage()), t.untyped_storage().nbytes(),
+                                                        t.requires_grad))
+    return list(found.values())
+
+
 def _ref(storage: Any) -> Any:
     try:
         return weakref.ref(storage)
@@ -150,6 +166,10 @@ class Timeline:
         # sum, smaller than the output), and whether the output was gone by then.
         self.head_grad_bytes = 0
         self.output_gone_at_head_grad = False
+        # Per block: the new tensors it returned besides its carry (Note [Side tensors] in the cost model), as
+        # (storage reference, bytes, requires grad); and, at the end of the step, the bytes of those still alive.
+        self.sides: list[list[tuple[Any, int, bool]]] = [[] for _ in blocks]
+        self.sides_at_end: list[int] = [0] * len(blocks)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         try:
@@ -161,6 +181,8 @@ class Timeline:
     def mark(self, label: str, index: int = -1) -> None:
         if label == "end":
             self.output_held = self._last_out() is not None
+            self.sides_at_end = [sum(n for ref, n, _ in side if ref is not None and ref() is not None)
+                                 for side in self.sides]
         if self.cuda:
             t: Any = torch.cuda.Event(enable_timing=True)
             t.record()
@@ -180,7 +202,7 @@ class Timeline:
     def __enter__(self) -> Timeline:
         for k, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._pre(k), with_kwargs=True))
-            self._handles.append(block.register_forward_hook(self._post(k)))
+            self._handles.append(block.register_forward_hook(self._post(k), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -230,10 +252,11 @@ class Timeline:
         return hook
 
     def _post(self, k: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
             if k in self._done:
                 return
             self._done.add(k)
+            self.sides[k] = _sides(out, (args, kwargs))
             if self._in_version[k] is not None and self._in_version[k][0]() is not None:
                 carry_ref, version = self._in_version[k]
                 if carry_ref()._version != version:
