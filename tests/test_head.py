@@ -153,6 +153,20 @@ def test_auto_plans_the_head_in_chunks_between_the_two_least_peaks_and_memtracke
     assert model(**inputs).logits is not None
 
 
+def test_simulate_runs_a_plan_with_the_head_it_was_solved_with():
+    """Note [A plan's head]: a plan with the head in chunks is simulated with that head, never the whole one's."""
+    model, inputs = lm("gpt2", vocab=4096)
+    prof = remat.profile(model, inputs, head="chunked", device="meta")
+    plan = remat.solve(prof, min_feasible_peak(prof))
+    assert plan.head_chunks and prof.head_chunks == 0
+    assert remat.simulate(prof, plan) == plan.prediction == remat.simulate(prof.with_head(plan.head_chunks), plan)
+    assert remat.simulate(prof, plan.items).peak_bytes > plan.prediction.peak_bytes  # items alone: the profile's head
+    with pytest.raises(remat.PlanError, match=rf"runs the head in {plan.head_chunks} chunks, and the profile has no"):
+        remat.simulate(prof.with_head(0), plan)
+    whole = remat.solve(prof.with_head(0), None)
+    assert whole.head_chunks == 0 and remat.simulate(prof, whole) == whole.prediction
+
+
 def test_the_default_keeps_the_head_and_its_plans_bit_for_bit(caplog):
     model, inputs = hf("gpt2", batch=2, seq=32)
     no_attention_dropout(model)

@@ -18,11 +18,13 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+from remat.errors import PlanError
 from remat.planning.cost import BODY, LOOSE, PINNED, TOP, Costs, exact_costs
 from remat.planning.plan import Item, Plan, Prediction, Record, Region, Selective
 from remat.planning.profile import Profile
 
-__all__ = ["every_digest", "every_items", "safety_bytes", "simulate", "sweep_bytes", "with_measured_every"]
+__all__ = ["every_digest", "every_items", "head_recompute", "plan_profile", "safety_bytes", "simulate", "sweep_bytes",
+           "with_measured_every"]
 
 
 def sweep_bytes(profile: Profile, start: int, stop: int) -> int:
@@ -65,20 +67,20 @@ def safety_bytes(profile: Profile, items: Sequence[Item], peak: int) -> int:
     One plan it did run: every block its own region, the calibration run (Note [Calibrating
     recomputation]), whose peak above ``base_bytes`` it keeps in ``meta["measured_every_act_bytes"]``
     (unattributed bytes, which the profile adds to the head's residual, already taken out). That plan is
-    charged its measured peak, or the model's where higher, and no margin: with a margin, a budget set
-    to Hugging Face's every-layer checkpointing's own peak would refuse that very schedule. Only while the
-    profile's stages are the ones measured (:func:`every_digest`: a per-rank FSDP profile, whose blocks
-    carry the unsharded parameters' bytes, keeps the margin), and only for a plan run on the device: with
-    measured sizes, or with sizes from a fake copy when the profiler also ran the plan on the device
-    (``meta["every_on_device"]``), where the measured peak alone is charged (the fake copy may keep more
-    than the device's step, e.g. an attention mask the device's step skips).
+    charged its measured peak, exactly, and no margin: with a margin, a budget set to Hugging Face's
+    every-layer checkpointing's own peak would refuse that very schedule; and where the chain model charges
+    it more (a BART's encoder output, held by the output to the end of the step and by the region that made
+    it until its backward: +78,848 B over the measured 2,444,680 B), the model's figure would put the plan
+    above the peer that runs it. Only while the profile's stages are the ones measured (:func:`every_digest`:
+    a per-rank FSDP profile, whose blocks carry the unsharded parameters' bytes, keeps the margin), and only
+    for a plan run on the device: with measured sizes, or with sizes from a fake copy when the profiler also
+    ran the plan on the device (``meta["every_on_device"]``; the fake copy may keep more than the device's
+    step, e.g. an attention mask the device's step skips).
     """
     measured = profile.meta.get("measured_every_act_bytes")
     if (isinstance(measured, int) and len(items) == len(profile.stages) and tuple(items) == every_items(profile)
             and profile.meta.get("measured_every_digest") == every_digest(profile)):
-        # Sizes from a fake copy (which may keep more: a mask the device's step skips) with this plan run on the
-        # device: its measured peak is exact.
-        return measured - peak if profile.meta.get("every_on_device") else max(0, measured - peak)
+        return measured - peak  # the plan ran on the device: its measured peak is exact
     return math.ceil(profile.safety_fraction * max(0, peak))
 
 
@@ -131,7 +133,8 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
 
     Args:
         profile: the chain.
-        items: a plan's items (or a :class:`remat.Plan`).
+        items: a plan's items, or a :class:`remat.Plan`: then with the head the plan runs
+            (:func:`plan_profile`: a plan whose head is in chunks is simulated with that head's figures).
 
     Returns:
         A :class:`remat.Prediction`; ``peak_bytes`` includes :attr:`Profile.base_bytes`.
@@ -142,6 +145,7 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     120
     """
     if isinstance(items, Plan):
+        profile = plan_profile(profile, items)
         items = items.items
     costs = exact_costs(profile)
     total, peak = _seq(costs, items, 0)
@@ -159,7 +163,7 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
     fwd = sum(s.fwd_s for s in st)
     bwd = sum(s.bwd_s for s in st)
     recompute = max(0.0, total - fwd - bwd)
-    return Prediction(
+    return head_recompute(Prediction(
         peak_bytes=profile.base_bytes + max(peak + safety_bytes(profile, items, peak), profile.after_backward_bytes),
         fwd_s=fwd,
         bwd_s=bwd,
@@ -167,4 +171,32 @@ def simulate(profile: Profile, items: Sequence[Item] | Plan) -> Prediction:
         forwards=tuple(counts),
         held_bytes=tuple(held),
         fixed_bytes=profile.fixed_bytes,
-    )
+    ), float(profile.meta.get("head_recompute_s", 0.0)))
+
+
+def head_recompute(p: Prediction, extra_s: float) -> Prediction:
+    """A chunked head's own recomputation (its logits, again in backward) reported as recomputation: the
+    chain counts the head's measured time as its forward and backward (Profile.with_head)."""
+    moved = min(extra_s, p.bwd_s)
+    if moved <= 0:
+        return p
+    return dataclasses.replace(p, bwd_s=p.bwd_s - moved, recompute_s=p.recompute_s + moved)
+
+
+def plan_profile(profile: Profile, plan: Plan) -> Profile:
+    """The profile with the head ``plan`` runs.
+
+    Note: [A plan's head] A plan solved with the head in n chunks (``plan.head_chunks``) runs that head,
+    whose figures are one of the profile's ``head_options``; the profile's own head (whole) would predict
+    the whole head's logits. So a plan is always simulated with its own head, and a profile that has no
+    figures for it is refused rather than answered with another head's."""
+    c = plan.head_chunks
+    if c is None or c == profile.head_chunks or (c == 0 and profile.head_chunks is None):
+        return profile
+    have = [o.chunks for o in profile.head_options]
+    if c not in have:
+        own = "as the model has it" if profile.head_chunks is None else f"in {profile.head_chunks} chunks (0: whole)"
+        raise PlanError(f"remat.simulate: the plan runs the head in {c} chunks, and the profile has no figures for"
+                        f" that head (its own runs {own}; head options: {have or 'none'}); simulate on the profile"
+                        " the plan was solved from (remat.profile(..., head='chunked')) or on profile.with_head(c)")
+    return profile.with_head(c)

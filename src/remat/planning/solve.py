@@ -7,7 +7,6 @@ fingerprint, the input shapes).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,7 @@ from remat.errors import InfeasibleBudgetError, PlanError, RematError
 from remat.planning import optimal as _optimal
 from remat.planning.budget import Budget, no_checkpointing_peak, parse_budget
 from remat.planning.min_peak import min_peak_items
-from remat.planning.plan import Item, Plan, Prediction, validate_items
+from remat.planning.plan import Item, Plan, validate_items
 from remat.planning.profile import Profile
 from remat.planning.simulate import simulate
 from remat.planning.strategies import Strategy, baselines, check_options, lookup, optimal_strategy
@@ -41,7 +40,7 @@ def make_plan(profile: Profile, items: Sequence[Item], *, strategy: str, budget_
         items=items,
         strategy=strategy,
         budget_bytes=budget_bytes,
-        prediction=_head_recompute(simulate(profile, items), float(profile.meta.get("head_recompute_s", 0.0))),
+        prediction=simulate(profile, items),
         stage_names=profile.names,
         fingerprint=profile.fingerprint,
         options=dict(options or {}),
@@ -50,15 +49,6 @@ def make_plan(profile: Profile, items: Sequence[Item], *, strategy: str, budget_
         autocast=str(profile.meta.get("autocast", "")),
         head_chunks=profile.head_chunks,
     ).validate()
-
-
-def _head_recompute(p: Prediction, extra_s: float) -> Prediction:
-    """A chunked head's own recomputation (its logits, again in backward) reported as recomputation: the
-    simulator counts the head's measured time as its forward and backward (Profile.with_head)."""
-    moved = min(extra_s, p.bwd_s)
-    if moved <= 0:
-        return p
-    return dataclasses.replace(p, bwd_s=p.bwd_s - moved, recompute_s=p.recompute_s + moved)
 
 
 def solve(profile: Profile, budget: Budget = None, *, strategy: str | Strategy = "optimal", **options: Any) -> Plan:
