@@ -12,8 +12,9 @@ between steps, as remat's budget assumes):
    transformers ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``, or, for
    the torchvision-style CNNs, every block wrapped by hand in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
    (ResNet: every residual block, and the stem plus every block; VGG: every conv + ReLU (+ pool) unit);
-3. remat's least feasible peak: ``remat.auto(model, inputs, budget=1)`` raises ``InfeasibleBudgetError`` whose
-   ``min_feasible_bytes`` is the predicted least; ``remat.auto`` at that byte figure on a fresh copy, its peak measured;
+3. remat's least feasible peak: the smallest predicted peak of the plans remat makes from the model's profile
+   (``min_feasible_peak(remat.profile(model, inputs))``, as ``remat plan`` reports it); ``remat.auto`` at that byte
+   figure on a fresh copy, its peak measured;
 4. remat at the peer's measured peak: ``remat.auto(fresh copy, budget=peer_peak, verify="grads")``, its peak
    measured, every parameter's gradient compared with ``torch.equal`` against the plain model's (same seed), and
    its step time against the peer's, side by side: rounds of one step each (A B, then B A, ...), each timed step
@@ -44,6 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import remat
+from remat.planning.solve import min_feasible_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -387,15 +389,12 @@ def time_side_by_side(a: Callable[[], Any], b: Callable[[], Any], models: tuple[
 
 def least_feasible(model: nn.Module, inputs: dict[str, Any], loss_fn: Callable[[Any], torch.Tensor],
                    **options: Any) -> int:
-    """The least feasible peak remat names when asked for 1 byte (``InfeasibleBudgetError.min_feasible_bytes``);
-    ``options`` go to ``remat.auto`` (``repeats=1``: faster, the same sizes)."""
-    try:
-        remat.auto(model, inputs, budget=1, loss_fn=loss_fn, verify=False, **options)
-    except remat.InfeasibleBudgetError as e:
-        if e.min_feasible_bytes is None:
-            raise RuntimeError(f"InfeasibleBudgetError without min_feasible_bytes: {e}") from e
-        return int(e.min_feasible_bytes)
-    raise RuntimeError("remat.auto planned a step at a budget of 1 byte")
+    """remat's least feasible peak for the step: the smallest peak of any plan remat makes from the model's
+    profile (sizes measured on the device where the step without checkpointing fits, as here), as
+    ``remat plan`` and ``remat.frontier`` report it; ``options`` go to ``remat.profile``. (Asked for 1 byte,
+    ``remat.auto`` names a figure at or above it: it runs nothing on the device above the budget, so it sizes
+    the step on a fake copy alone.)"""
+    return min_feasible_peak(remat.profile(model, inputs, loss_fn=loss_fn, **options))
 
 
 def plan_summary(model: nn.Module) -> str:
@@ -562,7 +561,7 @@ def run_case(case: Case, *, timing: bool, rounds: int, report: Report) -> None:
     run = Run(case, report, *case.build())
     run.measure_plain()
     label = case.name if run.by == "MemTracker" else f"{case.name} (remat.measure)"
-    least = run.attempt("least feasible peak (budget=1)", lambda: least_feasible(run.fresh(), run.inputs, run.loss_fn))
+    least = run.attempt("least feasible peak", lambda: least_feasible(run.fresh(), run.inputs, run.loss_fn))
     least_cell = short(least) if isinstance(least, Exception) else share(least, run.plain)
     at_least_cell = ""
     if not isinstance(least, Exception):
