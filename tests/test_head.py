@@ -89,6 +89,7 @@ def test_the_chunked_head_gives_the_plain_models_loss_and_gradients_dropout_off_
         no_attention_dropout(model)
     plain = copy.deepcopy(model)
     ref, ref_grads = grads_of(plain, inputs)
+    assert H.final_norm(model) is (model.transformer.ln_f if name == "gpt2" else model.model.norm)  # in the chunks
     undo = H.install(model, 5)
     out, grads = grads_of(model, inputs)
     assert out.logits is None and out.loss is not None  # Rule 3: no full logits were built
@@ -106,6 +107,45 @@ def test_the_chunked_head_gives_the_plain_models_loss_and_gradients_dropout_off_
     assert inspect.signature(model.forward) == inspect.signature(plain.forward)  # the Trainer reads it
     undo()
     assert "forward" not in vars(model)
+
+
+def test_a_call_that_returns_the_hidden_states_keeps_the_final_norm_outside_the_chunks():
+    """Note [The final norm in the chunks]: the last hidden state returned is the norm's output, as the model's."""
+    model, inputs = lm("llama", dropout=False)
+    no_attention_dropout(model)
+    plain = copy.deepcopy(model)
+    H.install(model, 4)
+    out, ref = (m(**inputs, output_hidden_states=True) for m in (model, plain))
+    assert torch.equal(out.hidden_states[-1], ref.hidden_states[-1]) and close(out.loss, ref.loss)
+
+
+def test_the_final_norm_stays_outside_where_the_forwards_do_not_show_it_is_the_last_op():
+    import transformers
+
+    class Scaled(transformers.LlamaForCausalLM):  # the hidden states changed between the norm and lm_head
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, **kwargs)
+            hidden_states = outputs.last_hidden_state / 2
+            logits = self.lm_head(hidden_states)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+
+    model, _ = lm("llama")
+    scaled = Scaled(model.config)
+    assert H.final_norm(model) is model.model.norm and H.final_norm(scaled) is None
+    model.model.norm.register_forward_hook(lambda *a: None)
+    assert H.final_norm(model) is None  # a hook the chunks would bypass
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_the_final_norm_in_the_chunks_takes_its_activations_out_of_the_head(name, monkeypatch):
+    model, inputs = lm(name, vocab=4096)
+    inside = remat.profile(model, inputs, head="chunked", device="meta")
+    monkeypatch.setattr(H, "final_norm", lambda lm: None)
+    outside = remat.profile(model, inputs, head="chunked", device="meta")
+    pairs = list(zip(inside.head_options, outside.head_options, strict=True))
+    assert all(a.chunks == b.chunks and a.head.bwd_transient_bytes <= b.head.bwd_transient_bytes for a, b in pairs)
+    assert pairs[-1][0].head.bwd_transient_bytes < pairs[-1][1].head.bwd_transient_bytes
+    assert min_feasible_peak(inside) < min_feasible_peak(outside)
 
 
 # ---- planned and measured ----------------------------------------------------------------------------------------

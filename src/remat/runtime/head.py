@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from remat.errors import RematError
 
-__all__ = ["HEADS", "ChunkedHead", "chunk_counts", "chunked_cross_entropy", "chunked_heads", "head_site",
+__all__ = ["HEADS", "ChunkedHead", "chunk_counts", "chunked_cross_entropy", "chunked_heads", "final_norm", "head_site",
            "install", "set_chunks", "uninstall", "whole_heads"]
 
 #: What ``head=`` accepts: the model's head as it is, or the head in chunks the planner chooses.
@@ -55,16 +55,20 @@ IGNORE_INDEX = -100
 
 
 def _loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-              ignore_index: int) -> torch.Tensor:
-    """One chunk: its logits, upcast to fp32 as transformers' loss does, and the sum of their cross-entropy."""
+              ignore_index: int, norm: nn.Module | None = None) -> torch.Tensor:
+    """One chunk: its hidden states normalised (the model's final norm, when it runs in the chunks), its
+    logits, upcast to fp32 as transformers' loss does, and the sum of their cross-entropy."""
+    if norm is not None:
+        hidden = norm(hidden)
     logits = F.linear(hidden, weight, bias)
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           labels: torch.Tensor, *, chunks: int, ignore_index: int = IGNORE_INDEX,
-                          shift: bool = False, num_items_in_batch: Any = None) -> torch.Tensor:
-    """The mean cross-entropy of ``F.linear(hidden, weight, bias)`` against ``labels``, over ``chunks``
+                          shift: bool = False, num_items_in_batch: Any = None,
+                          norm: nn.Module | None = None) -> torch.Tensor:
+    """The mean cross-entropy of ``F.linear(norm(hidden), weight, bias)`` against ``labels``, over ``chunks``
     checkpointed chunks of tokens (Note [Chunked head]; ``chunks=0``: whole, not checkpointed).
 
     Args:
@@ -73,6 +77,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         labels: one per token (``hidden.shape[:-1]``); ``ignore_index`` ones are left out.
         shift: a causal LM's labels: token t is scored against label t+1, the last one ignored.
         num_items_in_batch: divide the sum by this instead of the count of tokens not ignored.
+        norm: a per-token norm applied to each chunk's hidden states first (Note [The final norm in the
+            chunks]); None: the hidden states are the projection's input.
     """
     if shift:
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -82,9 +88,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         raise RematError(f"remat: the chunked head got {h.shape[0]} tokens of hidden states but {y.shape[0]} labels"
                          f" (hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}); give one label per token")
     if chunks == 0:
-        total = _loss_sum(h, weight, bias, y, ignore_index)
+        total = _loss_sum(h, weight, bias, y, ignore_index, norm)
     else:
-        parts = [checkpoint(_loss_sum, hc, weight, bias, yc, ignore_index, use_reentrant=False)
+        parts = [checkpoint(_loss_sum, hc, weight, bias, yc, ignore_index, norm, use_reentrant=False)
                  for hc, yc in zip(torch.tensor_split(h, chunks), torch.tensor_split(y, chunks), strict=True)]
         total = functools.reduce(torch.add, parts)
     if num_items_in_batch is None:
@@ -188,14 +194,15 @@ class _CausalLMForward:
         if not (isinstance(keep, int) and keep == 0):
             raise RematError(f"remat: logits_to_keep={keep!r} with labels, and the head in chunks scores every token;"
                              " call the model without logits_to_keep, or remat.remove(model) first")
-        with _passing_through(head):
+        norm = None if _wants_hidden_states(self.model, kwargs) else final_norm(self.model)
+        with _passing_through(head, norm):
             out = original(**kwargs)
-        hidden = out.logits  # what lm_head received
+        hidden = out.logits  # what lm_head received (before the final norm when it runs in the chunks)
         shift_labels = kwargs.get("shift_labels")
         loss = chunked_cross_entropy(
             hidden, head.weight, head.bias, labels if shift_labels is None else shift_labels, chunks=self.chunks,
             ignore_index=kwargs.get("ignore_index", IGNORE_INDEX), shift=shift_labels is None,
-            num_items_in_batch=kwargs.get("num_items_in_batch"))
+            num_items_in_batch=kwargs.get("num_items_in_batch"), norm=norm)
         return _without_logits(out, loss)
 
 
@@ -204,12 +211,22 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _passing_through(linear: nn.Module) -> Iterator[None]:
-    linear.forward = _identity
+def _passing_through(*modules: nn.Module | None) -> Iterator[None]:
+    """Each of ``modules`` (None: none) returns its input while inside."""
+    passing = [m for m in modules if m is not None]
+    for m in passing:
+        m.forward = _identity
     try:
         yield
     finally:
-        linear.__dict__.pop(_FORWARD, None)
+        for m in passing:
+            m.__dict__.pop(_FORWARD, None)
+
+
+def _wants_hidden_states(lm: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """The call returns the hidden states (their last one is the final norm's output, which the chunks
+    would not build): the final norm then runs before the chunks, as the model has it."""
+    return bool(kwargs.get("output_hidden_states", getattr(getattr(lm, "config", None), "output_hidden_states", False)))
 
 
 def _without_logits(out: Any, loss: torch.Tensor) -> Any:
@@ -296,6 +313,172 @@ def _assigns_lm_head(st: ast.stmt) -> bool:
     call = st.value
     return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "lm_head"
             and isinstance(call.func.value, ast.Name) and call.func.value.id == "self")
+
+
+# ---- the final norm in the chunks ---------------------------------------------------------------------------------
+
+
+def final_norm(lm: nn.Module) -> nn.Module | None:
+    """The causal LM's final norm when it can run inside the chunks, else None.
+
+    Note: [The final norm in the chunks] A causal LM normalises its hidden states once more before
+    ``lm_head`` (Llama's ``model.norm``, GPT-2's ``transformer.ln_f``); the norm's fp32 activations, its
+    output and, in backward, its output's gradient and its own fp32 backward are as large as the hidden
+    states (2.25 GiB of a llama-7b head's backward floor at batch 8 x 4,096 in bfloat16). A per-token norm
+    (LayerNorm or RMSNorm over the last dimension) normalises each token alone, so norm -> projection ->
+    loss per chunk of tokens is exact per token, and only one chunk's norm is live. It runs in the chunks
+    only where that is certain, read from the forwards (:func:`_norm_attr`): the base model's last op on
+    its hidden states is ``self.<norm>(hidden_states)`` (a view may follow), which it returns as
+    ``last_hidden_state``, and the causal LM feeds exactly that (sliced by tokens) to ``lm_head``; the
+    norm is an ``nn.LayerNorm``/``nn.RMSNorm`` over the hidden size, or an RMSNorm class of the model's own
+    family, called once, without hooks. A call that returns the hidden states keeps it outside
+    (:func:`_wants_hidden_states`). Elsewhere the head is chunked as before, the norm whole.
+    """
+    prefix = getattr(lm, "base_model_prefix", "")
+    base = getattr(lm, prefix, None) if isinstance(prefix, str) and prefix else None
+    if not isinstance(base, nn.Module):
+        return None
+    attr = _norm_attr(type(lm), type(base), prefix)
+    norm = getattr(base, attr, None) if attr else None
+    head = lm.lm_head
+    if not (isinstance(norm, nn.Module) and isinstance(head, nn.Linear) and _per_token(norm, base, head.in_features)):
+        return None
+    if norm._forward_hooks or norm._forward_pre_hooks or _FORWARD in norm.__dict__:
+        return None
+    if sum(m is norm for _, m in lm.named_modules(remove_duplicate=False)) != 1:
+        return None  # shared with another place, which the pass-through would change
+    return norm
+
+
+def _per_token(norm: nn.Module, base: nn.Module, hidden: int) -> bool:
+    """``norm`` normalises each token over the hidden size alone, and its class's own forward runs."""
+    cls = type(norm)
+    if cls in (nn.LayerNorm, nn.RMSNorm):
+        return tuple(norm.normalized_shape) == (hidden,)  # type: ignore[arg-type]
+    family = cls.__module__ == type(base).__module__ and cls.__name__.endswith("RMSNorm")
+    weight = getattr(norm, "weight", None)
+    return family and (weight is None or (isinstance(weight, torch.Tensor) and tuple(weight.shape) == (hidden,)))
+
+
+_NORM_ATTRS: dict[tuple[type, type, str], str] = {}
+
+
+def _norm_attr(lm_cls: type, base_cls: type, prefix: str) -> str:
+    """The attribute of the base model that is its final norm, read from the two forwards (Note [The final
+    norm in the chunks]); "" where the forwards do not show it for certain. Read once per pair of classes."""
+    key = (lm_cls, base_cls, prefix)
+    if key not in _NORM_ATTRS:
+        _NORM_ATTRS[key] = _read_norm_attr(lm_cls, base_cls, prefix)
+    return _NORM_ATTRS[key]
+
+
+def _read_norm_attr(lm_cls: type, base_cls: type, prefix: str) -> str:
+    lm_body, base_body = _body(lm_cls), _body(base_cls)
+    if lm_body is None or base_body is None or not _feeds_last_hidden_state(lm_body, prefix):
+        return ""
+    at = next((i for i in range(len(base_body) - 1, -1, -1) if _norm_call(base_body[i])), None)
+    if at is None:
+        return ""
+    st = base_body[at]
+    assert isinstance(st, ast.Assign) and isinstance(st.value, ast.Call) and isinstance(st.value.func, ast.Attribute)
+    name, attr = _name(st.targets[0]), st.value.func.attr
+    calls = [n for s in base_body for n in ast.walk(s) if isinstance(n, ast.Attribute) and n.attr == attr
+             and isinstance(n.value, ast.Name) and n.value.id == "self"]
+    if len(calls) != 1:
+        return ""
+    for later in base_body[at + 1:]:
+        if _is_view(later, name) or (isinstance(later, ast.Return) and _returns_last(later, name)):
+            continue
+        if any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(later)):
+            return ""
+    return attr
+
+
+def _body(cls: type) -> list[ast.stmt] | None:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))  # type: ignore[attr-defined]
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return None
+    return tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else None
+
+
+def _name(node: ast.AST) -> str:
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _norm_call(st: ast.stmt) -> bool:
+    """``h = self.<attr>(h)``: one positional argument, the name assigned."""
+    if not (isinstance(st, ast.Assign) and len(st.targets) == 1 and _name(st.targets[0])):
+        return False
+    call = st.value
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and _name(call.func.value) == "self"
+            and len(call.args) == 1 and not call.keywords and _name(call.args[0]) == _name(st.targets[0]))
+
+
+def _is_view(st: ast.stmt, name: str) -> bool:
+    """``h = h.view(...)`` or ``h = h.reshape(...)`` (the projection takes the last dimension, which the
+    norm normalises: a view keeps each token's row)."""
+    if not (isinstance(st, ast.Assign) and len(st.targets) == 1 and _name(st.targets[0]) == name):
+        return False
+    call = st.value
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and call.func.attr in ("view", "reshape") and _name(call.func.value) == name
+            and not any(_name(n) == name for a in call.args for n in ast.walk(a)))
+
+
+def _returns_last(st: ast.Return, name: str) -> bool:
+    """``return Output(last_hidden_state=h, ...)``, ``h`` nowhere else in it."""
+    call = st.value
+    if not isinstance(call, ast.Call) or call.args:
+        return False
+    uses = [k for k in call.keywords if any(_name(n) == name for n in ast.walk(k.value))]
+    return len(uses) == 1 and uses[0].arg == "last_hidden_state" and _name(uses[0].value) == name
+
+
+def _feeds_last_hidden_state(body: list[ast.stmt], prefix: str) -> bool:
+    """The causal LM's forward gives ``lm_head`` the base model's ``last_hidden_state`` (or ``[0]``),
+    sliced by tokens only: ``h = out.last_hidden_state``, ``h = slice_logits_to_keep(h, ...)``,
+    ``h[:, s, :]``, and nothing else assigns ``h``."""
+    at = next((i for i, st in enumerate(body) if _assigns_lm_head(st)), None)
+    if at is None:
+        return False
+    st = body[at]
+    assert isinstance(st, ast.Assign) and isinstance(st.value, ast.Call)
+    arg = st.value.args[0] if len(st.value.args) == 1 and not st.value.keywords else None
+    name = _name(arg.value if isinstance(arg, ast.Subscript) else arg) if arg is not None else ""
+    calls = [_assigned(s) for s in body[:at]]
+    outs = {t for t, v in calls if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute)
+            and v.func.attr == prefix and _name(v.func.value) == "self"}
+    sets = [s for s in body[:at] for n in ast.walk(s) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if _name(t) == name]
+    return bool(name) and bool(sets) and _reads_output(sets[0], outs) and all(_slices(s, name) for s in sets[1:])
+
+
+def _assigned(st: ast.stmt) -> tuple[str, ast.expr | None]:
+    """``name = value`` or ``name: T = value``: (name, value); ("", None) for any other statement."""
+    if isinstance(st, ast.Assign) and len(st.targets) == 1 and _name(st.targets[0]):
+        return _name(st.targets[0]), st.value
+    if isinstance(st, ast.AnnAssign) and st.value is not None and _name(st.target):
+        return _name(st.target), st.value
+    return "", None
+
+
+def _reads_output(st: ast.stmt, outs: set[str]) -> bool:
+    """``h = out.last_hidden_state`` or ``h = out[0]``, ``out`` the base model's output."""
+    v = _assigned(st)[1]
+    if isinstance(v, ast.Attribute):
+        return v.attr == "last_hidden_state" and _name(v.value) in outs
+    return (isinstance(v, ast.Subscript) and _name(v.value) in outs and isinstance(v.slice, ast.Constant)
+            and v.slice.value == 0)
+
+
+def _slices(st: ast.stmt, name: str) -> bool:
+    """``h = slice_logits_to_keep(h, ...)`` or ``h = h[...]``."""
+    v = _assigned(st)[1]
+    if isinstance(v, ast.Subscript):
+        return _name(v.value) == name
+    return (isinstance(v, ast.Call) and _name(v.func) == "slice_logits_to_keep" and len(v.args) >= 1
+            and _name(v.args[0]) == name)
 
 
 # ---- installing, finding, setting ----------------------------------------------------------------------------------
