@@ -404,13 +404,13 @@ def plan_summary(model: nn.Module) -> str:
 
 
 def planned_at(model: nn.Module, inputs: dict[str, Any], budget: int, loss_fn: Callable[[Any], torch.Tensor], *,
-               verify: bool | str) -> tuple[nn.Module, str]:
+               verify: bool | str, **options: Any) -> tuple[nn.Module, str]:
     """``remat.auto`` at ``budget`` as a user calls it; where its own check refuses the plan (VerificationError),
     the same plan applied unchecked, so that the table shows by how much it is over: (model, what was refused)."""
     try:
-        return remat.auto(model, inputs, budget=budget, loss_fn=loss_fn, verify=verify), ""
+        return remat.auto(model, inputs, budget=budget, loss_fn=loss_fn, verify=verify, **options), ""
     except remat.VerificationError as e:
-        remat.auto(model, inputs, budget=budget, loss_fn=loss_fn, verify=False)
+        remat.auto(model, inputs, budget=budget, loss_fn=loss_fn, verify=False, **options)
         if "over the budget" not in str(e):
             return model, f"**{short(e)}; unchecked:** "
         own = remat.measure(step_of(model, inputs, loss_fn), model=model, inputs=_tensors(inputs), repeats=0)
@@ -509,7 +509,10 @@ class Run:
         self.reference = grads_of(model, self.inputs, self.loss_fn)
 
     def at_least(self, least: int) -> str:
-        model, refused = planned_at(self.fresh(), self.inputs, least, self.loss_fn, verify=True)
+        """``remat.auto`` at the least, with sizes measured on the device as the profile that named it had them
+        (``sizes="measured"``: a byte budget below the plain peak is otherwise sized on a fake copy, which may
+        keep more, e.g. the 4-D attention mask a transformers model skips on the device, and refuses it)."""
+        model, refused = planned_at(self.fresh(), self.inputs, least, self.loss_fn, verify=True, sizes="measured")
         measured = self.peak(model)
         beside = None if refused else self.own(model)
         return f"{refused}{share(measured, self.plain)}{over(measured, least, beside)}; {plan_summary(model)}"
