@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ import remat
 from remat import ProfileError, solve
 from remat.planning.solve import min_feasible_plan
 from remat.runtime.model import as_call, find_stages
+from remat.runtime.regions import recompute_copy_bytes
+from remat.runtime.span import Span, resolve
 from remat.runtime.stages import layerdrop_draws_without_skipping
 
-from .zoo_models import ZOO, LayerDropNet, _vectors
+from .zoo_models import NUM_CLASSES, VGG, ZOO, LayerDropNet, _vectors, make_vgg_layers
 
 
 def _found(name: str) -> list[str]:
@@ -34,10 +37,9 @@ def test_containers_are_expanded_into_their_blocks():
 
 
 def test_blocks_are_not_split_into_their_layers():
-    # a residual block, a block whose layers an activation separates, and VGG's in-place ReLUs
+    # a residual block, and a block whose layers an activation separates
     assert _found("resnet50")[0] == "layer1.0"
     assert _found("inplace_mul_between_blocks") == [f"blocks.{i}" for i in range(4)]
-    assert _found("vgg11") == ["features", "classifier"]
     assert _found("gpt2") == [f"transformer.h.{i}" for i in range(3)]
 
 
@@ -190,3 +192,74 @@ def test_a_unet_is_planned_at_the_granularity_of_its_own_checkpointing():
     assert names[0] == "down_blocks.0.resnets.0" and "mid_block.attentions.0" in names
     assert names[-1] == "up_blocks.1.attentions.1"
     assert sum(n.startswith("up_blocks.") for n in names) >= 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spans: consecutive children of a container as one stage (Note [Spans] in runtime/span.py)
+# ----------------------------------------------------------------------------------------------------
+
+VGG_SPANS = ["features.0:3", "features.3:6", "features.6:8", "features.8:11", "features.11:13", "features.13:16"]
+
+
+def test_vgg_features_are_spans_of_conv_relu_pool():
+    # `features` was one stage: its convs are no stack (in-place ReLUs and pools between them), and a conv alone
+    # saves nothing (the in-place ReLU after it saves its output). The classifier's Linear + ReLU + Dropout too.
+    assert _found("vgg11") == [*VGG_SPANS, "classifier.0:3", "classifier.3:6", "classifier.6"]
+    model, _, _ = ZOO["vgg11"]()
+    span = resolve(model, "features.8:11")
+    assert isinstance(span, Span) and [type(m) for m in span.parts] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d]
+    assert span.parts[0] is model.features[8]
+    with pytest.raises(AttributeError):
+        resolve(model, "features.8:30")
+
+
+def _vgg_bn() -> tuple[nn.Module, torch.Tensor, Any]:
+    torch.manual_seed(0)
+    model = VGG(make_vgg_layers([8, "M", 16, "M", 32, "M", 64, "M"], batch_norm=True)).train()
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, NUM_CLASSES, (2,))
+    return model, x, lambda out: nn.functional.cross_entropy(out, target)
+
+
+def _step(model: nn.Module, x: torch.Tensor, loss_fn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x))
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()]
+
+
+def test_a_plan_of_spans_round_trips_and_runs_bitwise_with_batchnorm_inside():
+    model, x, loss_fn = _vgg_bn()
+    prof = remat.profile(copy.deepcopy(model), x, loss_fn=loss_fn, repeats=1)
+    names = [s.name for s in prof.stages if s.kind == "block"]
+    assert names[:4] == ["features.0:4", "features.4:8", "features.8:12", "features.12:16"]  # conv + BN + ReLU (+ pool)
+    span = resolve(model, "features.0:4")
+    assert recompute_copy_bytes(span) == (8 + 8 + 1) * 4 + 4  # running mean, var (fp32), num_batches_tracked (int64)
+    assert prof.stages[1].recompute_copy_bytes == recompute_copy_bytes(span)
+    plan = remat.Plan.from_json(min_feasible_plan(prof).to_json())
+    assert plan.regions()
+    planned = remat.apply(copy.deepcopy(model), plan)
+    assert remat.plan_of(planned).stage_names == prof.names
+    want, got = _step(model, x, loss_fn), _step(planned, x, loss_fn)
+    assert torch.equal(want[0], got[0]) and all(torch.equal(a, b) for a, b in zip(want[1], got[1]))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), planned.buffers()))  # statistics moved once
+    copied = copy.deepcopy(planned)  # the span hooks travel with the model
+    assert torch.equal(_step(copied, x, loss_fn)[0], want[0])
+    remat.remove(planned)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in planned.modules())
+
+
+def test_a_span_may_not_change_its_input_in_place():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 8))
+    with pytest.raises(ProfileError, match="modifies its input in place"):
+        remat.profile(model, torch.randn(2, 8), stages=["0", "1:3"], repeats=1)
+
+
+def test_an_in_place_child_of_a_sequential_joins_the_stage_before():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.1, inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    assert [n for n, _ in find_stages(model, None)[0]] == ["0:2", "2", "3", "4"]
+    relu = nn.ReLU(inplace=True)  # one module at two places: its hooks would fire twice, so it stays glue
+    model = nn.Sequential(nn.Linear(8, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 4))
+    assert [n for n, _ in find_stages(model, None)[0]] == ["0", "2", "4"]
+    nested = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True)), nn.Linear(8, 4))
+    assert [n for n, _ in find_stages(nested, None)[0]] == ["0.0:2", "1"]

@@ -42,6 +42,7 @@ from remat.planning.budget import Budget
 from remat.planning.plan import Plan
 from remat.planning.profile import Profile, Stage
 from remat.runtime.model import inner_name, unwrap
+from remat.runtime.span import resolve
 
 __all__ = ["ShardSizes", "broadcast_plan", "check_same_plan", "fsdp_profile", "fsdp_sizes", "plan_for_job"]
 
@@ -93,7 +94,7 @@ def fsdp_sizes(model: nn.Module, stage_names: Sequence[str], world_size: int) ->
     block_bytes: dict[str, int] = {}
     for name in stage_names:
         try:
-            block = inner.get_submodule(inner_name(model, name))
+            block = resolve(inner, inner_name(model, name))
         except AttributeError:
             continue  # the prologue, glue or head: not a module
         params = [p for p in block.parameters() if id(p) not in seen]

@@ -23,6 +23,7 @@ from remat.planning.plan import Plan
 from remat.runtime import head, hf
 from remat.runtime.model import describe_input_mismatch, inner_name, input_shapes, model_signature, unwrap
 from remat.runtime.regions import Runner
+from remat.runtime.span import resolve
 from remat.runtime.step import Autocast
 
 __all__ = ["applied_state", "apply", "is_applied", "plan_of", "remove"]
@@ -108,7 +109,7 @@ def _blocks(model: nn.Module, plan: Plan) -> dict[int, nn.Module]:
     for k in plan.block_indices():
         name = plan.stage_names[k]
         try:
-            blocks[k] = unwrap(model).get_submodule(inner_name(model, name))
+            blocks[k] = resolve(unwrap(model), inner_name(model, name))
         except AttributeError:
             raise PlanMismatchError(
                 f"remat.apply: the plan names stage {name!r}, which {type(model).__name__} does not have;"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from remat.errors import ProfileError
+from remat.runtime.span import Span, resolve, span_name
 from remat.runtime.stages import carry_of as carry_of  # call conventions, defined with stage discovery
 from remat.runtime.stages import discover
 from remat.runtime.stages import split_carry as split_carry
@@ -153,7 +154,8 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None, *,
     """The model's blocks as ``[(name, module)]`` and how they were found.
 
     1. ``stages``: names of submodules in execution order (``"explicit"``);
-    2. ``nn.Sequential``: its children, nested Sequentials flattened (``"sequential"``);
+    2. ``nn.Sequential``: its children, nested Sequentials flattened, an in-place child joined to the one
+       before it (``"sequential"``);
     3. with ``inputs=(args, kwargs)``: by watching one forward, for any model (``"blocks"``; Note
        [Watching one forward] in ``runtime/stages.py``);
     4. without inputs: the blocks of the largest ``ModuleList`` of one block type (``"blocks"``).
@@ -162,9 +164,7 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None, *,
     if stages is not None:
         return _named_stages(model, stages), "explicit"
     if isinstance(model, nn.Sequential):
-        # A child that works in place on its input (ReLU(inplace=True)) cannot be a checkpointed stage of
-        # its own: it becomes glue after the stage before it (see Note [Glue] in the profiler).
-        chain = [(n, m) for n, m in _flatten_sequential(model, "") if not getattr(m, "inplace", False)]
+        chain = _sequential_stages(model)
         if not chain:
             raise ProfileError(f"remat.profile: every child of this {type(model).__name__} works in place; there is"
                                " no stage to checkpoint")
@@ -207,7 +207,7 @@ def _named_stages(model: nn.Module, stages: Sequence[str]) -> list[tuple[str, nn
     out = []
     for name in stages:
         try:
-            out.append((name, model.get_submodule(name)))
+            out.append((name, resolve(model, name)))
         except AttributeError:
             raise ProfileError(
                 f"remat.profile: stages names {name!r}, which is not a submodule of"
@@ -236,14 +236,34 @@ def _largest_module_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{name}.{i}", m) for i, m in enumerate(mlist)]
 
 
-def _flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
-    out: list[tuple[str, nn.Module]] = []
-    for name, child in seq.named_children():
+def _sequential_stages(model: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """A Sequential's children, nested Sequentials flattened. A child that works in place on its input
+    (ReLU(inplace=True)) cannot be a checkpointed stage of its own: it joins the stage before it as a span
+    (Note [Spans] in span.py: ``0:2`` is children 0 and 1) where that is its sibling, and is otherwise glue
+    after it (Note [Glue] in the profiler), as is one the Sequential runs at two places."""
+    entries = _flatten_sequential(model, "")
+    runs = {id(m): sum(m is e[1] for e in entries) for _, m, _, _, _ in entries}
+    chain: list[tuple[str, nn.Module]] = []
+    last: tuple[nn.Module, int, int] | None = None  # the previous stage: (its Sequential, start, stop)
+    for name, child, parent, pos, container in entries:
+        if not getattr(child, "inplace", False):
+            chain.append((name, child))
+            last = (parent, pos, pos + 1)
+        elif last is not None and last[0] is parent and last[2] == pos and runs[id(child)] == 1:
+            last = (parent, last[1], pos + 1)
+            chain[-1] = (span_name(container, last[1], last[2]), Span(parent, last[1], last[2]))
+    return chain
+
+
+def _flatten_sequential(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module, nn.Module, int, str]]:
+    """``(name, module, its Sequential, its position there, the Sequential's name)`` of each leaf child."""
+    out: list[tuple[str, nn.Module, nn.Module, int, str]] = []
+    for pos, (name, child) in enumerate((n, c) for n, c in seq._modules.items() if c is not None):
         full = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             out.extend(_flatten_sequential(child, full + "."))
         else:
-            out.append((full, child))
+            out.append((full, child, seq, pos, prefix[:-1]))
     return out
 
 

@@ -77,6 +77,7 @@ from remat.errors import PlanMismatchError
 from remat.planning.plan import Item, Record, Region, Selective, item_span
 from remat.runtime.model import Extras, call_with_carry, carry_of, extras_of, same_extras, split_carry
 from remat.runtime.policy import selective_contexts
+from remat.runtime.span import SpanHook, hook_ends
 from remat.runtime.stages import layerdrop_draws_without_skipping
 
 __all__ = ["Runner", "recompute_copy_bytes", "runner_of", "suspended"]
@@ -150,8 +151,12 @@ def _reshard(block: nn.Module) -> None:
     the first pass (docs/distributed.md)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     module_type = getattr(fsdp, "FSDPModule", None)
-    if module_type is not None and isinstance(block, module_type):
-        block.reshard()
+    if module_type is None:
+        return
+    # a span (Note [Spans]) is no FSDP unit; the children it runs may be
+    units = [block] if isinstance(block, module_type) else [m for m in block.modules() if isinstance(m, module_type)]
+    for unit in units:
+        unit.reshard()
 
 
 def _passed_on(carry: Any, handed: Any) -> bool:
@@ -220,7 +225,8 @@ class Runner:
 
     def uninstall(self) -> None:
         self.reset()
-        for mod in {id(m): m for m in [self.model, *self.blocks.values()]}.values():
+        ends = [end for block in self.blocks.values() for end in hook_ends(block)]  # a span's: Note [Spans]
+        for mod in {id(m): m for m in [self.model, *ends]}.values():
             _remove_hooks(mod, self)
         if self.previous is not None:
             object.__setattr__(self.model, _ATTR, self.previous)
@@ -529,6 +535,7 @@ def _remove_hooks(mod: nn.Module, runner: Runner) -> None:
     for hooks, extras in ((mod._forward_pre_hooks, (mod._forward_pre_hooks_with_kwargs,)),
                           (mod._forward_hooks, (mod._forward_hooks_with_kwargs, mod._forward_hooks_always_called))):
         for hook_id, hook in list(hooks.items()):
+            hook = hook.hook if isinstance(hook, SpanHook) else hook
             if isinstance(hook, kinds) and hook.runner is runner:
                 del hooks[hook_id]
                 for extra in extras:

@@ -33,6 +33,13 @@ gives the module call tree and the data flow between calls. The chain of stages 
    live on] in assemble.py), and what a checkpointed stage leaves beyond its output is charged as held (Note
    [Outputs the model keeps]).
 
+5. An ``nn.Sequential`` that would stay one stage (its members form no stack, and it is not a block of a
+   stack itself) and only runs its children, each handing its output straight to the next (an ``nn.Sequential``: VGG's
+   ``features``, conv, ReLU(inplace=True), conv, ..., MaxPool), is replaced by its *spans*: each child with
+   parameters with the children without parameters, in place, or norms after it ("conv (+ BatchNorm) + ReLU
+   (+ pool)", the unit torchvision users checkpoint; Note [Spans] in span.py), where some span holds more
+   than one child. A lone child of a span is that child.
+
 Code between two stages becomes a glue stage in the profile (Note [Glue] in the profiler).
 """
 
@@ -52,6 +59,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from remat.errors import ProfileError
+from remat.runtime.span import Span, children_of, span_name
 
 __all__ = ["carry_of", "discover", "layerdrop_draws_without_skipping", "split_carry"]
 
@@ -407,24 +415,59 @@ class _Chain:
             end = best[end][2]
         return chain[::-1]
 
-    def expand(self, index: int) -> list[int] | None:
-        """The members that replace call ``index`` (rule 2), or None."""
+    def expand(self, index: int, spans: bool = True) -> list[int] | None:
+        """The members that replace call ``index`` (rule 2), or its spans (rule 5, unless ``spans`` is off:
+        a block of a stack is not split into its layers), or None."""
         carry = self.rec.calls[index].carry
         assert carry is not None
         members = self.members(index, [carry], self.rec.calls[index].extras)
         if not members:
             return None
-        shape = self._shape(index, carry, members)
+        shape = self._shape(index, [carry], members)
         if not shape.tail_clean:
             return None
         if len(members) == 1:
             return self.expand(members[0]) or ([members[0]] if shape.wrapper else None)
-        subs = [self.expand(m) for m in members]
         classes = [type(self.rec.calls[m].module) for m in members]
+        stacked = _stack(classes, shape.handed)
+        subs = [self.expand(m, spans=not stacked) for m in members]
         plain = all(s is None for s in subs) and not self._holds_blocks(index, members)
-        if not _stack(classes, shape.handed) and plain:
-            return None
+        if not stacked and plain:
+            return self._spans(index) if spans else None
         return [x for m, s in zip(members, subs) for x in (s if s is not None else [m])]
+
+    def _spans(self, index: int) -> list[int] | None:
+        """Rule 5: the call's children as spans (Note [Spans] in span.py), or None. Its children must run in
+        order, each handing its output straight to the next, with no code of the call's own around them (an
+        ``nn.Sequential``: its children's names are their positions, so a span's name reads as the children it
+        holds; a module of another class keeps its stages), and it returns nothing else. Each child with
+        parameters but a norm starts a span, which the children without parameters, working in place, or norms
+        after it join. At least two spans, one of more than one child, each starting at a child that does not
+        change its input in place (the checkpoint's saved input would change); a lone child is itself."""
+        calls, call = self.rec.calls, self.rec.calls[index]
+        kids = [calls[c] for c in call.children]
+        if (not isinstance(call.module, nn.Sequential) or len(kids) < 2 or call.more_out
+                or not _straight(call, kids) or any(self.rec.counts.get(id(k.module)) != 1 for k in kids)):
+            return None
+        params = [j for j, k in enumerate(kids) if any(True for _ in k.module.parameters())]
+        firsts = [j for j in params if j == params[0] or _starts_span(kids[j].module)]
+        lone = all(b - a == 1 for a, b in zip(firsts, [*firsts[1:], len(kids)]))
+        if len(firsts) < 2 or lone or any(kids[j].in_place for j in firsts):
+            return None  # one stage, or members the rules above chose not to split
+        positions = {id(m): i for i, m in enumerate(children_of(call.module))}
+        out = []
+        for a, b in zip(firsts, [*firsts[1:], len(kids)]):
+            start, stop = positions[id(kids[a].module)], positions[id(kids[b - 1].module)] + 1
+            if stop - start != b - a:  # children called in another order than they are registered
+                return None
+            if b - a == 1:
+                out.append(call.children[a])
+                continue
+            span = Span(call.module, start, stop)
+            calls.append(_Call(span_name(call.name, start, stop), span, kids[a].start, index, kids[b - 1].end,
+                               carry=kids[a].carry, out=kids[b - 1].out))
+            out.append(len(calls) - 1)
+        return out
 
     def _holds_blocks(self, index: int, members: list[int]) -> bool:
         """A container of its own kind (its class called once in the forward) that runs blocks the model runs
@@ -438,9 +481,9 @@ class _Chain:
             kinds[type(calls[m].module)] >= 2 and not type(calls[m].module).__module__.startswith("torch.")
             for m in members)
 
-    def _shape(self, index: int, carry: int, members: list[int]) -> _Shape:
+    def _shape(self, index: int, start: Sequence[int], members: list[int]) -> _Shape:
         """How the call's own code touches the hidden state around its members."""
-        level = self._walk(index, [carry], set(members))
+        level = self._walk(index, start, set(members))
         calls = self.rec.calls
         last, after = members[-1], calls[members[-1]].end
         path = {-1, *members}
@@ -458,7 +501,9 @@ class _Chain:
         while len(members) == 1 and self._wraps(index, members[0]):
             index = members[0]
             members = self.members(index, start)
-        subs = [(m, self.expand(m)) for m in members]
+        classes = [type(self.rec.calls[m].module) for m in members]
+        stacked = len(members) > 1 and _stack(classes, self._shape(index, start, members).handed)
+        subs = [(m, self.expand(m, spans=not stacked)) for m in members]
         return [x for m, s in subs for x in (s if s is not None else [m])]
 
     def _wraps(self, outer: int, inner: int) -> bool:
@@ -466,6 +511,24 @@ class _Chain:
         it is (PEFT's ``PeftModel`` and ``LoraModel`` around the base model): then ``inner`` is the root."""
         calls = self.rec.calls
         return calls[inner].out == calls[outer].out and calls[inner].carry in self.rec.root_inputs
+
+
+#: Layers that join the span of the layer before them, as a parameterless one does: conv + BatchNorm + ReLU is
+#: one unit (the norm reads the conv's output, so checkpointing the conv alone frees nothing).
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def _starts_span(module: nn.Module) -> bool:
+    return not isinstance(module, _NORMS)
+
+
+def _straight(call: _Call, kids: Sequence[_Call]) -> bool:
+    """Whether a call only runs its children, each taking (only) what the one before returned: the call's
+        input to the first, the last's output returned, and no op of the call's own between them."""
+    ends = (call.carry is not None and kids[0].carry == call.carry and kids[-1].out == call.out
+            and kids[0].start == call.start and kids[-1].end == call.end)
+    return ends and all(not k.extras for k in kids) and all(
+        a.out is not None and b.carry == a.out and a.end == b.start for a, b in zip(kids, kids[1:]))
 
 
 def _stack(classes: Sequence[type], handed: Sequence[bool]) -> bool:
@@ -486,6 +549,7 @@ def _trimmed(calls: Sequence[_Call], chain: list[int]) -> list[int]:
     (rule 3), or without the leading embeddings."""
     classes = [type(calls[i].module) for i in chain]
     own = {k for k in classes if classes.count(k) >= 2 and not k.__module__.startswith("torch.")
+           and not issubclass(k, Span)  # spans of torch's layers (VGG's features) are torch's layers
            and not issubclass(k, nn.Embedding)}
     if not own:  # embeddings of token ids save nothing worth recomputing
         lead = next((j for j, i in enumerate(chain) if not isinstance(calls[i].module, nn.Embedding)), len(chain))
