@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,3 +181,28 @@ def users_cache(state: HFState) -> Iterator[bool]:
     finally:
         for config, value in planned:
             config.use_cache = value
+
+
+@contextlib.contextmanager
+def fakes_with_values_run_as_on_device(known: Callable[[Any], bool]) -> Iterator[None]:
+    """Note: [Masks on a fake copy] transformers takes its tracing path on fake tensors
+    (``is_tracing(tensor)`` is true for a FakeTensor): an attention mask that is all ones, which the
+    device's step skips (``padding_mask.all()``: no mask, sdpa's fast path), is built in 4-D on a fake copy
+    and saved by every attention (a BART 4+4: 32 KiB more per encoder layer, a least 1.9% above the
+    device's). While a fake copy runs, a fake tensor whose values the copy mirrors (``known``; Note [Falling
+    back per op]) is not tracing to transformers: the check reads its values and the copy takes the device's
+    path. A fake tensor without values still is."""
+    utils = sys.modules.get("transformers.utils.import_utils")
+    original = getattr(utils, "is_fake_tensor", None)
+    if original is None:
+        yield
+        return
+
+    def is_fake_tensor(tensor: Any) -> bool:
+        return bool(original(tensor)) and not known(tensor)
+
+    utils.is_fake_tensor = is_fake_tensor  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        utils.is_fake_tensor = original  # type: ignore[union-attr]

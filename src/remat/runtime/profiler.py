@@ -202,7 +202,8 @@ class _Fake:
         level = torch_log.level
         torch_log.setLevel(logging.CRITICAL)
         try:
-            with self.mode, _flash_attention_on_meta() if flash else contextlib.nullcontext():
+            with self.mode, _flash_attention_on_meta() if flash else contextlib.nullcontext(), \
+                    hf.fakes_with_values_run_as_on_device(lambda t: self.mode.value(t) is not None):
                 yield
         finally:
             torch_log.setLevel(level)

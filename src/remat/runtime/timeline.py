@@ -101,19 +101,17 @@ class Event:
     ops: int = 0  # ops run in the window that ends here
 
 
-def _sides(out: Any, inputs: Any) -> list[tuple[Any, int, bool]]:
+def _sides(out: Any, inputs: Any) -> list[tuple[Any, int]]:
     """The tensors a block returned besides its carry that it made (not one of its inputs handed back, as T5's
-    blocks return the position bias they were given): (storage reference, bytes, requires grad), each storage
-    once."""
+    blocks return the position bias they were given): (storage reference, bytes), each storage once."""
     carry = carry_of(out)
     given = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)}
     if isinstance(carry, torch.Tensor):
         given.add(id(carry.untyped_storage()))
-    found: dict[int, tuple[Any, int, bool]] = {}
+    found: dict[int, tuple[Any, int]] = {}
     for t in torch.utils._pytree.tree_leaves(out):
         if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in given:
-            found.setdefault(id(t.untyped_storage()), (_ref(t.untyped_storage()), t.untyped_storage().nbytes(),
-                                                        t.requires_grad))
+            found.setdefault(id(t.untyped_storage()), (_ref(t.untyped_storage()), t.untyped_storage().nbytes()))
     return list(found.values())
 
 
@@ -152,6 +150,8 @@ class Timeline:
         self._out_ref: list[Any] = [None] * len(blocks)
         self.out_bytes: list[int] = [0] * len(blocks)
         self.in_freed_by_glue: list[bool] = [False] * len(blocks)
+        # Whether block k's input was freed by the time block k + 2 starts (Note [Tensors that live on]).
+        self.in_freed_after_next: list[bool] = [True] * len(blocks)
         self.out_freed_by_glue: list[bool] = [False] * len(blocks)
         self._done: set[int] = set()
         # Which storages each window saved for backward: "prologue", block k, or ("after", k).
@@ -167,8 +167,8 @@ class Timeline:
         self.head_grad_bytes = 0
         self.output_gone_at_head_grad = False
         # Per block: the new tensors it returned besides its carry (Note [Side tensors] in the cost model), as
-        # (storage reference, bytes, requires grad); and, at the end of the step, the bytes of those still alive.
-        self.sides: list[list[tuple[Any, int, bool]]] = [[] for _ in blocks]
+        # (storage reference, bytes); and, at the end of the step, the bytes of those still alive.
+        self.sides: list[list[tuple[Any, int]]] = [[] for _ in blocks]
         self.sides_at_end: list[int] = [0] * len(blocks)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ class Timeline:
     def mark(self, label: str, index: int = -1) -> None:
         if label == "end":
             self.output_held = self._last_out() is not None
-            self.sides_at_end = [sum(n for ref, n, _ in side if ref is not None and ref() is not None)
+            self.sides_at_end = [sum(n for ref, n in side if ref is not None and ref() is not None)
                                  for side in self.sides]
         if self.cuda:
             t: Any = torch.cuda.Event(enable_timing=True)
@@ -229,6 +229,8 @@ class Timeline:
             self.carry_storage[k] = id(carry.untyped_storage())
             if k > 0:
                 self.in_freed_by_glue[k - 1] = _dead(self._in_ref[k - 1])
+            if k > 1:
+                self.in_freed_after_next[k - 2] = _dead(self._in_ref[k - 2])
                 self.out_freed_by_glue[k - 1] = _dead(self._out_ref[k - 1])
             self._in_ref[k] = _ref(carry.untyped_storage())
             self._in_version[k] = (weakref.ref(carry), carry._version)
