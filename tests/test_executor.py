@@ -282,7 +282,7 @@ def test_torch_compile_of_the_blocks_of_a_planned_model_trains():
 LAYERS = st.sampled_from(["linear", "tanh", "gelu", "norm", "dropout", "mlp"])
 
 
-@settings(max_examples=int(os.environ.get("REMAT_EXAMPLES", "15")), deadline=None,
+@settings(max_examples=int(os.environ.get("REMAT_EXAMPLES", "8")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(kinds=st.lists(LAYERS, min_size=3, max_size=9), share=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
 def test_random_chains_and_budgets_are_exact_and_within_budget(kinds, share, seed):
