@@ -105,8 +105,8 @@ def _applied(model: nn.Module, profiled: Callable[..., Profile], budget: Budget,
     """Profile, solve and apply; the plan."""
     with _checkpointing_back_on_failure(model):
         prof = profiled(budget, **kwargs)
-        plan = _solved_or_named(prof, budget, strategy, options, lambda: profiled(
-            0, block_options=False, repeats=1, sizes="fake", progress=False))
+        plan = _solved_or_named(prof, budget, strategy, options, lambda limit: profiled(
+            limit, **{**kwargs, "block_options": False, "sizes": "fake", "progress": False}))
     apply(model, plan)
     _log_summary(prof, plan)
     return plan
@@ -136,26 +136,32 @@ def _solved(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any
 
 
 def _solved_or_named(prof: Profile, budget: Budget, strategy: str, options: dict[str, Any],
-                     fake: Callable[[], Profile]) -> Plan:
+                     fake: Callable[[int], Profile]) -> Plan:
     """The plan; an infeasible budget names a least feasible peak that plans when given back in bytes.
 
     Note: [A least that holds] A share budget is sized on the measured step; a byte budget below the plain
-    peak is sized on a fake copy (Note [Memory-safe profiling]), which may keep a little more (code that
-    checks a mask's values on the device takes its tracing path on a fake copy and builds the mask). The
-    least peak named for a share budget is the larger of the two, so it plans when given back as bytes."""
+    peak is sized on a fake copy (Note [Memory-safe profiling]), which may keep a little more (what the fake
+    copy misses is measured on the device within the budget: Note [What the fake copy misses]). The least
+    named for a share budget is what the byte budget it names would need: the fake copy is sized as that
+    budget sizes it, and raised until it holds."""
     try:
         return _solved(prof, budget, strategy, options)
     except InfeasibleBudgetError as e:
         if prof.meta.get("sizes") != "measured" or prof.device == "meta" or e.min_feasible_bytes is None:
             raise
-        try:
-            _solved(fake(), e.budget_bytes, strategy, options)
-        except InfeasibleBudgetError as by_fake:
-            if (by_fake.min_feasible_bytes or 0) > e.min_feasible_bytes:
-                raise by_fake from None
-        except RematError:  # the fake copy cannot run the step: byte budgets measure it as share budgets do
-            pass
-        raise
+        least, named = e.min_feasible_bytes, e
+        for _ in range(3):
+            try:
+                _solved(fake(least), e.budget_bytes, strategy, options)
+            except InfeasibleBudgetError as by_fake:
+                if (by_fake.min_feasible_bytes or 0) <= least:
+                    break
+                least, named = by_fake.min_feasible_bytes or least, by_fake
+            except RematError:  # the fake copy cannot run the step: byte budgets measure it as share budgets do
+                break
+        if named is e:
+            raise
+        raise named from None
 
 
 def _profiled(model: nn.Module, example_inputs: Any, budget: Budget, *,

@@ -523,8 +523,6 @@ def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _F
              else _estimated_times(runs, groups))
     every_peak = _every_on_device(real, step, limit) if real is not None and repeats >= 1 else None
     nograd_gap = _nograd_gap(real, step, runs, limit) if real is not None else 0
-    if real is not None and step is not real and every_peak is None:
-        nograd_gap = max(nograd_gap, UNMEASURED_GAP_BYTES)  # Note [What the fake copy misses]
     build = _assembler(step, real, times, device, repeats)
     prof = build(runs, times)
     if head:
@@ -540,10 +538,6 @@ def _profile(make_real: Callable[[Sequence[str] | None], _Step] | None, fake: _F
     return dataclasses.replace(prof, meta=meta)
 
 
-#: What a fake copy may miss that no run on the device measured (Note [What the fake copy misses]).
-UNMEASURED_GAP_BYTES = 1024
-
-
 def _with_device_gap(prof: Profile, every_peak: int | None, nograd_gap: int) -> Profile:
     """Note: [What the fake copy misses] An op's kernel on the device may keep more than its fake kernel says:
     torch's CPU kernel for ``mse_loss`` returns the scalar loss in the storage of its elementwise losses (8 KiB
@@ -553,9 +547,9 @@ def _with_device_gap(prof: Profile, every_peak: int | None, nograd_gap: int) -> 
     it, without margin). The larger difference is charged as live through the whole step, for every plan
     (the head's residual, and each head option's). On the DiT, 8,188 B had put plans planned on the fake
     copy up to 7,286 B over their prediction, past the 0.2% margin. What a backward kernel keeps is seen by the
-    every-block run only; where that run did not fit the limit (or was not made), :data:`UNMEASURED_GAP_BYTES`
-    are charged instead: a small CNN's loss left 124 B more at the end of the step on the CPU than on its fake
-    copy, which put the plan at its least 78 B over."""
+    every-block run only: where that run does not fit the limit, the fake copy may still fall short by what a
+    loss's backward keeps (a small CNN's: 124 B on the CPU), which ``auto``'s check of the planned step then
+    reports (VerificationError), never silently."""
     gap = nograd_gap
     if every_peak is not None:
         exact = dataclasses.replace(prof, safety_fraction=0.0, head_options=())
@@ -680,7 +674,9 @@ def _nograd_gap(real: _Step, step: _Step, runs: Runs, limit: int | None) -> int:
     fake = runs.nograd.tl.events
     if [(e.label, e.index) for e in tl.events] != [(e.label, e.index) for e in fake]:
         return 0  # another path ran (a branch on a value): nothing to compare
-    return max(0, *(max(a.live - b.live, a.peak - b.peak) for a, b in zip(tl.events, fake)))
+    # Above each run's start: the device's model may not hold its gradients yet (they are reset between runs).
+    d, f = tl.events[0].live, fake[0].live
+    return max(0, *(max(a.live - d - (b.live - f), a.peak - d - (b.peak - f)) for a, b in zip(tl.events[1:], fake[1:])))
 
 
 class _Capped(Tracked):
