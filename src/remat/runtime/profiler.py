@@ -546,10 +546,9 @@ def _with_device_gap(prof: Profile, every_peak: int | None, nograd_gap: int) -> 
     and the every-block plan where it fits the limit (its measured peak against the fake copy's figure for
     it, without margin). The larger difference is charged as live through the whole step, for every plan
     (the head's residual, and each head option's). On the DiT, 8,188 B had put plans planned on the fake
-    copy up to 7,286 B over their prediction, past the 0.2% margin. What a backward kernel keeps is seen by the
-    every-block run only: where that run does not fit the limit, the fake copy may still fall short by what a
-    loss's backward keeps (a small CNN's: 124 B on the CPU), which ``auto``'s check of the planned step then
-    reports (VerificationError), never silently."""
+    copy up to 7,286 B over their prediction, past the 0.2% margin. What only a backward kernel keeps is seen
+    by the every-block run alone: where that run does not fit the limit, a shortfall of that kind is left to
+    ``auto``'s check of the planned step, which reports it (VerificationError), never silently."""
     gap = nograd_gap
     if every_peak is not None:
         exact = dataclasses.replace(prof, safety_fraction=0.0, head_options=())
@@ -646,16 +645,23 @@ def _every_on_device(real: _Step, step: _Step, limit: int | None) -> int | None:
         return None
     peak = None
     for _ in range(2):
-        tracker = _Capped(limit)
-        try:
-            # The run's peak over all its windows (the timeline resets the tracker's peak at each boundary).
-            peak = Run(real.run("every", tracker, cuda=real.device_type() == "cuda"), len(real.names)).peak
-        except Exception as e:
-            if not tracker.over and not isinstance(e, torch.OutOfMemoryError):
-                raise
+        tl = _capped_run(real, "every", limit)
+        if tl is None:
             log.info("remat.profile: the every-block plan passed the limit on the device; its peak is the fake copy's")
             return None
+        peak = Run(tl, len(real.names)).peak  # over all its windows (the timeline resets the tracker's at each)
     return peak
+
+
+def _capped_run(real: _Step, kind: str, limit: int | None) -> Timeline | None:
+    """One tracked run of ``kind`` on the device, stopped the moment its live bytes pass ``limit`` (None then)."""
+    tracker = _Capped(limit)
+    try:
+        return real.run(kind, tracker, cuda=real.device_type() == "cuda")
+    except Exception as e:
+        if not tracker.over and not isinstance(e, torch.OutOfMemoryError):
+            raise
+        return None
 
 
 def _nograd_gap(real: _Step, step: _Step, runs: Runs, limit: int | None) -> int:
@@ -664,15 +670,9 @@ def _nograd_gap(real: _Step, step: _Step, runs: Runs, limit: int | None) -> int:
     would pass the limit (it is the smallest run of the step: every plan's first pass holds at least as much)."""
     if step is real or (limit is not None and runs.nograd.peak > limit):
         return 0
-    tracker = _Capped(limit)
-    try:
-        tl = real.run("nograd", tracker, cuda=real.device_type() == "cuda")
-    except Exception as e:
-        if not tracker.over and not isinstance(e, torch.OutOfMemoryError):
-            raise
-        return 0
+    tl = _capped_run(real, "nograd", limit)
     fake = runs.nograd.tl.events
-    if [(e.label, e.index) for e in tl.events] != [(e.label, e.index) for e in fake]:
+    if tl is None or [(e.label, e.index) for e in tl.events] != [(e.label, e.index) for e in fake]:
         return 0  # another path ran (a branch on a value): nothing to compare
     # Above each run's start: the device's model may not hold its gradients yet (they are reset between runs).
     d, f = tl.events[0].live, fake[0].live

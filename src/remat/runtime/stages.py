@@ -354,6 +354,9 @@ class _Chain:
     def __init__(self, rec: _Recorder) -> None:
         self.rec = rec
         self.eligible = {i for i, c in enumerate(rec.calls) if self._eligible(c)}
+        self.kinds: dict[type, int] = {}  # how many calls of each module class the forward made
+        for c in rec.calls:
+            self.kinds[type(c.module)] = self.kinds.get(type(c.module), 0) + 1
 
     def _eligible(self, c: _Call) -> bool:
         return (self.rec.counts.get(id(c.module), 0) == 1 and c.carry is not None and c.out is not None
@@ -473,12 +476,9 @@ class _Chain:
         """A container of its own kind (its class called once in the forward) that runs blocks the model runs
         elsewhere too: a U-Net's down, middle and up blocks, each a few residual and attention blocks with
         code between them (the skip connections)."""
-        calls = self.rec.calls
-        kinds: dict[type, int] = {}
-        for c in calls:
-            kinds[type(c.module)] = kinds.get(type(c.module), 0) + 1
-        return kinds[type(calls[index].module)] == 1 and any(
-            kinds[type(calls[m].module)] >= 2 and not type(calls[m].module).__module__.startswith("torch.")
+        calls, kinds = self.rec.calls, self.kinds
+        return kinds.get(type(calls[index].module)) == 1 and any(
+            kinds.get(type(calls[m].module), 0) >= 2 and not type(calls[m].module).__module__.startswith("torch.")
             for m in members)
 
     def _shape(self, index: int, start: Sequence[int], members: list[int]) -> _Shape:
